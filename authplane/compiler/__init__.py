@@ -1,0 +1,1 @@
+"""Policy model → IR (``translate``) → Envoy resources (``filters/``, ``resources``) → snapshots."""

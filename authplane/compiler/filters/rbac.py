@@ -1,0 +1,144 @@
+"""envoy.filters.http.rbac: one instance per level (gateway, route), rules carried in RDS.
+
+Both instances sit in the HTTP connection manager with no rules (pass-through); the rules travel
+per virtual host (gateway level) and per route (route level) as ``RBACPerRoute``, so a rule change
+is a route update that reaches kept-alive connections. Each level compiles to a single RBAC
+policy set: with ``default: deny`` an ALLOW action whose policies are "this allow rule and no
+deny rule"; with ``default: allow`` a DENY action with the deny rules. Deny rules win either way.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2
+
+from envoy.config.core.v3 import address_pb2
+from envoy.config.rbac.v3 import rbac_pb2 as rbac
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
+
+from authplane.compiler.filters.jwt_authn import NAME as JWT_FILTER
+from authplane.compiler.filters.jwt_authn import PAYLOAD_KEY
+from authplane.compiler.ir import Checks, ClusterIR, ListenerIR, RouteIR
+from authplane.compiler.pb import pack
+from authplane.policy.model import Authorization, Conditions
+
+LEVELS = ("gateway", "route")
+
+
+def name(level: str) -> str:
+    return f"envoy.filters.http.rbac.{level}"
+
+
+def _any_of(principals: list[rbac.Principal]) -> rbac.Principal:
+    if len(principals) == 1:
+        return principals[0]
+    return rbac.Principal(or_ids=rbac.Principal.Set(ids=principals))
+
+
+def _all_of(principals: list[rbac.Principal]) -> rbac.Principal:
+    flat: list[rbac.Principal] = []
+    for p in principals:
+        flat.extend(p.and_ids.ids if p.HasField("and_ids") else [p])
+    principals = [p for p in flat if not p.any] or principals[:0]
+    if not principals:
+        return rbac.Principal(any=True)
+    if len(principals) == 1:
+        return principals[0]
+    return rbac.Principal(and_ids=rbac.Principal.Set(ids=principals))
+
+
+def _exact(value: str) -> string_pb2.StringMatcher:
+    return string_pb2.StringMatcher(exact=value)
+
+
+def _claim(path: str, value: str) -> rbac.Principal:
+    segments = [metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in (PAYLOAD_KEY, *path.split("."))]
+
+    def meta(v: value_pb2.ValueMatcher) -> rbac.Principal:
+        matcher = metadata_pb2.MetadataMatcher(filter=JWT_FILTER, path=segments, value=v)
+        return rbac.Principal(sourced_metadata=rbac.SourcedMetadata(metadata_matcher=matcher))
+
+    # A claim may be a string or an array of strings: match either shape.
+    return _any_of([
+        meta(value_pb2.ValueMatcher(string_match=_exact(value))),
+        meta(value_pb2.ValueMatcher(list_match=value_pb2.ListMatcher(
+            one_of=value_pb2.ValueMatcher(string_match=_exact(value))))),
+    ])
+
+
+def _header(header: str, value: str) -> rbac.Principal:
+    return rbac.Principal(header=rc.HeaderMatcher(name=header, string_match=_exact(value)))
+
+
+def _path(pattern: str) -> rbac.Principal:
+    m = string_pb2.StringMatcher(prefix=pattern[:-1]) if pattern.endswith("/*") else _exact(pattern)
+    return rbac.Principal(url_path=path_pb2.PathMatcher(path=m))
+
+
+def _cidr(cidr: str) -> rbac.Principal:
+    ip, _, plen = cidr.partition("/")
+    return rbac.Principal(remote_ip=address_pb2.CidrRange(address_prefix=ip, prefix_len={"value": int(plen)}))
+
+
+def conditions(when: Conditions) -> rbac.Principal:
+    """All kinds must match; any value within a kind matches."""
+    parts: list[rbac.Principal] = []
+    for claim, values in sorted(when.claims.items()):
+        parts.append(_any_of([_claim(claim, v) for v in values]))
+    for header, values in sorted(when.headers.items()):
+        parts.append(_any_of([_header(header, v) for v in values]))
+    if when.source_cidrs:
+        parts.append(_any_of([_cidr(c) for c in when.source_cidrs]))
+    if when.methods:
+        parts.append(_any_of([_header(":method", m) for m in when.methods]))
+    if when.paths:
+        parts.append(_any_of([_path(p) for p in when.paths]))
+    return _all_of(parts)
+
+
+def rules(authz: Authorization) -> rbac.RBAC:
+    deny = [r for r in authz.rules if r.action == "deny"]
+    allow = [r for r in authz.rules if r.action == "allow"]
+    anything = [rbac.Permission(any=True)]
+    if authz.default == "allow":
+        return rbac.RBAC(action=rbac.RBAC.DENY, policies={
+            r.name: rbac.Policy(permissions=anything, principals=[conditions(r.when)]) for r in deny})
+    denied = [rbac.Principal(not_id=_any_of([conditions(r.when) for r in deny]))] if deny else []
+    return rbac.RBAC(action=rbac.RBAC.ALLOW, policies={
+        r.name: rbac.Policy(permissions=anything, principals=[_all_of([conditions(r.when), *denied])])
+        for r in allow})
+
+
+def _per_route(checks: Checks) -> any_pb2.Any:
+    assert checks.authorization is not None
+    return pack(rbac_filter.RBACPerRoute(rbac=rbac_filter.RBAC(
+        rules=rules(checks.authorization), rules_stat_prefix=f"{checks.policy}.")))
+
+
+def _levels(lst: ListenerIR) -> list[str]:
+    return [lvl for lvl in LEVELS if any(c.authorization for c in lst.all_checks() if c.level == lvl)]
+
+
+def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
+    return [hcm.HttpFilter(name=name(lvl), typed_config=pack(rbac_filter.RBAC())) for lvl in _levels(lst)]
+
+
+def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
+    if lst.checks and lst.checks.authorization:
+        return {name("gateway"): _per_route(lst.checks)}
+    return {}
+
+
+def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
+    if route.checks and route.checks.authorization:
+        return {name("route"): _per_route(route.checks)}
+    return {}
+
+
+def clusters(lst: ListenerIR) -> list[ClusterIR]:
+    return []
+

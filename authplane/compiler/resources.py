@@ -1,0 +1,178 @@
+"""IR → Envoy v3 resources (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment)."""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+
+from authplane.compiler.filters import ORDER, router
+from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
+from authplane.compiler.pb import ads_source, duration, pack, socket_address
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+"""The order Envoy needs: clusters and their endpoints before the listeners and routes using them."""
+
+
+def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
+    return [f for module in ORDER for f in module.http_filters(lst)]
+
+
+def listener(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> listener_pb2.Listener:
+    manager = hcm.HttpConnectionManager(
+        stat_prefix=lst.name.replace("/", "_"),
+        rds=hcm.Rds(config_source=ads_source(), route_config_name=lst.route_config_name),
+        http_filters=filters,
+        # Hardening: the client address is the TCP peer unless trusted proxies are declared;
+        # paths are normalised before any path rule sees them.
+        use_remote_address={"value": True},
+        xff_num_trusted_hops=lst.xff_num_trusted_hops,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            headers_with_underscores_action=protocol_pb2.HttpProtocolOptions.REJECT_REQUEST),
+        request_headers_timeout=duration(10),
+    )
+    manager.normalize_path.value = True  # BoolValue: unset means "runtime default"
+    return listener_pb2.Listener(
+        name=lst.name,
+        address=socket_address(lst.address, lst.port),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=pack(manager))])],
+    )
+
+
+def _match(route: RouteIR) -> rc.RouteMatch:
+    m = route.match
+    out = rc.RouteMatch()
+    if m.path is not None:
+        out.path = m.path
+    elif m.path_regex is not None:
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.path_regex))
+    elif m.path_prefix in (None, "/"):
+        out.prefix = "/"
+    else:
+        out.path_separated_prefix = (m.path_prefix or "").rstrip("/")
+    for header, value in sorted(m.headers.items()):
+        out.headers.append(rc.HeaderMatcher(name=header, string_match=string_pb2.StringMatcher(exact=value)))
+    if m.methods:
+        methods = sorted(set(m.methods))
+        matcher = (string_pb2.StringMatcher(exact=methods[0]) if len(methods) == 1 else
+                   string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex="|".join(methods))))
+        out.headers.append(rc.HeaderMatcher(name=":method", string_match=matcher))
+    return out
+
+
+def _disabled() -> any_pb2.Any:
+    return pack(rc.FilterConfig(disabled=True))
+
+
+def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route_pb2.RouteConfiguration:
+    auth_filters = [f.name for f in filters if f.name != router.NAME]
+    vhost_cfg: dict[str, any_pb2.Any] = {}
+    for module in ORDER:
+        vhost_cfg.update(module.vhost_config(lst))
+    out = route_pb2.RouteConfiguration(name=lst.route_config_name)
+    for vh in lst.virtual_hosts:
+        vhost = out.virtual_hosts.add(name=vh.name, domains=vh.domains)
+        for key in sorted(vhost_cfg):
+            vhost.typed_per_filter_config[key].CopyFrom(vhost_cfg[key])
+        for r in vh.routes:
+            action = rc.RouteAction(cluster=r.cluster)
+            if r.timeout is not None:
+                action.timeout.CopyFrom(duration(r.timeout))
+            route = vhost.routes.add(name=r.name, match=_match(r), route=action)
+            per: dict[str, any_pb2.Any] = {}
+            if r.public:
+                per = {f: _disabled() for f in auth_filters}
+            else:
+                for module in ORDER:
+                    per.update(module.route_config(lst, r))
+            for key in sorted(per):
+                route.typed_per_filter_config[key].CopyFrom(per[key])
+    return out
+
+
+def cluster(c: ClusterIR, eds: bool = True) -> cluster_pb2.Cluster:
+    out = cluster_pb2.Cluster(name=c.name, connect_timeout=duration(c.connect_timeout))
+    if eds and c.static_ips:
+        out.type = cluster_pb2.Cluster.EDS
+        out.eds_cluster_config.eds_config.CopyFrom(ads_source())
+    else:
+        out.type = cluster_pb2.Cluster.STATIC if c.static_ips else cluster_pb2.Cluster.STRICT_DNS
+        out.load_assignment.CopyFrom(load_assignment(c))
+        if not c.static_ips:
+            out.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
+    if c.http2:
+        opts = upstream_http.HttpProtocolOptions(explicit_http_config=upstream_http.HttpProtocolOptions.
+                                                 ExplicitHttpConfig(http2_protocol_options=protocol_pb2.
+                                                                    Http2ProtocolOptions()))
+        out.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(pack(opts))
+    if c.tls:
+        sni = c.sni or c.endpoints[0][0]
+        tls = tls_pb2.UpstreamTlsContext(sni=sni)
+        tls.common_tls_context.validation_context.trusted_ca.filename = "/etc/ssl/certs/ca-certificates.crt"
+        tls.common_tls_context.validation_context.match_typed_subject_alt_names.add(
+            san_type=common_pb2.SubjectAltNameMatcher.DNS, matcher=string_pb2.StringMatcher(exact=sni))
+        out.transport_socket.name = "envoy.transport_sockets.tls"
+        out.transport_socket.typed_config.CopyFrom(pack(tls))
+    return out
+
+
+def load_assignment(c: ClusterIR) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=c.name, endpoints=[
+        endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
+            endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+                address=socket_address(host, port))) for host, port in c.endpoints])])
+
+
+class Resources:
+    """The Envoy resources of one fleet, per type URL, with the policy object behind each one."""
+
+    def __init__(self) -> None:
+        self.by_type: dict[str, dict[str, Message]] = {t: {} for t in TYPE_ORDER}
+        self.origins: dict[tuple[str, str], list[Origin]] = {}
+
+    def add(self, type_url: str, name: str, msg: Message, *origins: Origin | None) -> None:
+        self.by_type[type_url][name] = msg
+        found = self.origins.setdefault((type_url, name), [])
+        found.extend(o for o in origins if o is not None and o not in found)
+
+
+def fleet_resources(fleet: FleetIR) -> Resources:
+    res = Resources()
+    clusters: dict[str, ClusterIR] = dict(fleet.clusters)
+    for lst in fleet.listeners:
+        filters = http_filters(lst)
+        origins = [lst.origin, *(c.origin for c in lst.all_checks())]
+        res.add(LISTENER, lst.name, listener(lst, filters), *origins)
+        route_origins = origins + [r.origin for vh in lst.virtual_hosts for r in vh.routes]
+        res.add(ROUTE, lst.route_config_name, route_configuration(lst, filters), *route_origins)
+        for module in ORDER:
+            for c in module.clusters(lst):
+                clusters.setdefault(c.name, c)
+    for name in sorted(clusters):
+        c = clusters[name]
+        res.add(CLUSTER, name, cluster(c), c.origin)
+        if c.static_ips:
+            res.add(ENDPOINT, name, load_assignment(c), c.origin)
+    for type_url in TYPE_ORDER:
+        res.by_type[type_url] = dict(sorted(res.by_type[type_url].items()))
+    return res

@@ -1,0 +1,134 @@
+"""Policy model → IR: resolve references, attach policies to their level, order routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authplane.compiler.ir import (
+    Checks,
+    ClusterIR,
+    CompileOptions,
+    ExtAuthIR,
+    FleetIR,
+    JwtIR,
+    ListenerIR,
+    Origin,
+    RouteIR,
+    VirtualHostIR,
+)
+from authplane.policy.loader import Item, Policies
+from authplane.policy.model import AuthPolicy, RouteMatch
+from authplane.policy.validate import read_jwks_file
+
+BUILTIN_GRPC = "authplane_authz_grpc"
+BUILTIN_HTTP = "authplane_authz_http"
+
+
+def origin(item: Item[Any]) -> Origin:
+    return Origin(item.obj.kind, item.name, item.source.path, item.source.line, item.source.col)
+
+
+def _split(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _checks(p: Policies, pol: Item[AuthPolicy], level: str, fleet: FleetIR,
+            opts: CompileOptions) -> Checks | None:
+    spec = pol.obj.spec
+    if spec.public:
+        return None
+    jwt = None
+    if spec.jwt:
+        files = {}
+        for prov in spec.jwt.providers:
+            if prov.jwks.file is not None:
+                path, text = read_jwks_file(pol, prov.jwks)
+                files[prov.name] = p.files.get(path, text)
+        jwt = JwtIR(pol.name, spec.jwt, files)
+    ext = None
+    if spec.ext_auth:
+        ea = spec.ext_auth
+        if ea.service == "builtin":
+            cluster, address = ((BUILTIN_GRPC, opts.authz_grpc) if ea.protocol == "grpc"
+                                else (BUILTIN_HTTP, opts.authz_http))
+            fleet.clusters.setdefault(cluster, ClusterIR(
+                cluster, (_split(address),), ea.protocol == "grpc", 1.0, False, None, None))
+        else:
+            cluster = _backend_cluster(p, ea.service, fleet)
+        ref = spec.target_ref
+        target = f"{ref.kind}/{ref.name}" + (f"/{ref.rule}" if ref.rule else "")
+        ext = ExtAuthIR(pol.name, level, target, ea, cluster)
+    return Checks(pol.name, level, origin(pol), jwt, spec.authorization, ext)
+
+
+def _backend_cluster(p: Policies, name: str, fleet: FleetIR) -> str:
+    item = p.backends[name]
+    spec = item.obj.spec
+    fleet.clusters.setdefault(name, ClusterIR(
+        name, tuple(_split(e) for e in spec.endpoints), spec.protocol == "http2",
+        spec.connect_timeout, spec.tls, spec.sni, origin(item)))
+    return name
+
+
+def specificity(match: RouteMatch) -> tuple[int, ...]:
+    """Sort key, most specific first: exact path, longest prefix, regex; then more headers/methods."""
+    if match.path is not None:
+        kind, length = 0, len(match.path)
+    elif match.path_prefix is not None:
+        kind, length = 1, len(match.path_prefix.rstrip("/"))
+    else:
+        kind, length = 2, len(match.path_regex or "")
+    return (kind, -length, -len(match.headers), 0 if match.methods else 1)
+
+
+def _domain_covers(pattern: str, domain: str) -> bool:
+    """Whether routes written for hostname ``pattern`` also serve requests for ``domain``."""
+    if pattern == domain or pattern == "*":
+        return True
+    return pattern.startswith("*.") and domain.endswith(pattern[1:]) and domain != pattern[2:]
+
+
+def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]:
+    """Every fleet named by a gateway, with its listeners, routes, checks and clusters."""
+    opts = opts or CompileOptions()
+    fleets: dict[str, FleetIR] = {}
+    policy_for: dict[tuple[str, str, str | None], Item[AuthPolicy]] = {
+        (x.obj.spec.target_ref.kind, x.obj.spec.target_ref.name, x.obj.spec.target_ref.rule): x
+        for x in p.policies.values()
+    }
+    for gw in p.gateways.values():
+        fleet = fleets.setdefault(gw.obj.spec.fleet, FleetIR(gw.obj.spec.fleet))
+        gw_pol = policy_for.get(("Gateway", gw.name, None))
+        gw_checks = _checks(p, gw_pol, "gateway", fleet, opts) if gw_pol else None
+        for lst in gw.obj.spec.listeners:
+            routes: list[tuple[tuple[str, ...], RouteIR]] = []
+            for route in p.routes.values():
+                spec = route.obj.spec
+                if spec.gateway != gw.name or (spec.listeners is not None and lst.name not in spec.listeners):
+                    continue
+                for rule in spec.rules:
+                    pol = policy_for.get(("Route", route.name, rule.name)) or policy_for.get(
+                        ("Route", route.name, None))
+                    checks = _checks(p, pol, "route", fleet, opts) if pol else None
+                    r = RouteIR(
+                        name=f"{route.name}/{rule.name}", match=rule.match,
+                        cluster=_backend_cluster(p, rule.backend, fleet), timeout=rule.timeout,
+                        checks=checks, public=bool(pol and pol.obj.spec.public),
+                        origin=origin(route), specificity=specificity(rule.match))
+                    routes.append((tuple(spec.hostnames), r))
+            domains = sorted({h for hosts, _ in routes for h in hosts}, key=lambda d: (d == "*", d))
+            vhosts = []
+            for domain in domains:
+                members = [r for hosts, r in routes if any(_domain_covers(h, domain) for h in hosts)]
+                members.sort(key=lambda r: (r.specificity, r.name))
+                vhosts.append(VirtualHostIR(domain, (domain,), tuple(members)))
+            fleet.listeners.append(ListenerIR(
+                name=f"{gw.name}/{lst.name}", gateway=gw.name, address=lst.address, port=lst.port,
+                xff_num_trusted_hops=gw.obj.spec.xff_num_trusted_hops, checks=gw_checks,
+                virtual_hosts=tuple(vhosts), origin=origin(gw)))
+    for fleet in fleets.values():
+        fleet.listeners.sort(key=lambda x: x.name)
+        fleet.clusters = dict(sorted(fleet.clusters.items()))
+    return fleets
+

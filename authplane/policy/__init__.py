@@ -1,0 +1,1 @@
+"""Policy files: YAML loading with source positions, the typed model and validation."""

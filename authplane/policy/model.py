@@ -1,0 +1,347 @@
+"""The typed policy model (apiVersion authplane.dev/v1alpha1). Unknown fields are errors.
+
+Field names are camelCase in YAML (the contract) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from authplane import API_VERSION
+from authplane.policy.types import (
+    CIDR,
+    Duration,
+    Endpoint,
+    HeaderName,
+    Hostname,
+    IPAddress,
+    Method,
+    Name,
+    PathPattern,
+    Port,
+    Regex,
+    Status,
+)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+
+def _one_of(model: BaseModel, *fields: str, required: bool = True) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    names = ", ".join(to_camel(f) for f in fields)
+    if len(given) > 1:
+        raise ValueError(f"set only one of {names}")
+    if required and not given:
+        raise ValueError(f"set one of {names}")
+
+
+class Metadata(Model):
+    name: Name
+    """Unique per kind; lowercase letters, digits, '-', '_' and '.'."""
+    labels: dict[str, str] = {}
+    """Free-form labels; not used by authplane."""
+
+
+# --- Gateway -----------------------------------------------------------------------------------
+
+
+class Listener(Model):
+    name: Name
+    """Listener name, unique in the gateway; the Envoy listener is named ``<gateway>/<name>``."""
+    port: Port
+    """TCP port Envoy listens on."""
+    address: IPAddress = "0.0.0.0"
+    """Address Envoy binds."""
+
+
+class GatewaySpec(Model):
+    fleet: Name
+    """Envoys whose ``node.cluster`` equals this value receive this gateway."""
+    listeners: Annotated[list[Listener], Field(min_length=1)]
+    """Plain-HTTP listeners of the gateway."""
+    xff_num_trusted_hops: Annotated[int, Field(ge=0, le=10)] = 0
+    """Number of trusted proxies in front of Envoy whose ``x-forwarded-for`` entries are believed.
+    0 (default): the client address is the TCP peer and ``x-forwarded-for`` from clients is ignored
+    for source-address checks."""
+
+
+# --- Backend -----------------------------------------------------------------------------------
+
+
+class BackendSpec(Model):
+    endpoints: Annotated[list[Endpoint], Field(min_length=1)]
+    """``host:port`` of each upstream instance; IP endpoints are served over EDS, hostnames are
+    resolved by Envoy (STRICT_DNS)."""
+    protocol: Literal["http1", "http2"] = "http1"
+    """``http2`` speaks cleartext HTTP/2 (h2c), needed for gRPC services."""
+    connect_timeout: Duration = 2.0
+    """Upstream connect timeout."""
+    tls: bool = False
+    """Connect to the endpoints with TLS."""
+    sni: str | None = None
+    """SNI and certificate name to use with ``tls`` (default: the first endpoint's host)."""
+
+
+# --- Route -------------------------------------------------------------------------------------
+
+
+class RouteMatch(Model):
+    path: PathPattern | None = None
+    """Exact path."""
+    path_prefix: str | None = None
+    """Path prefix matched on whole segments: ``/api`` matches ``/api`` and ``/api/x``, not ``/apix``."""
+    path_regex: Regex | None = None
+    """RE2 regular expression matched against the whole path."""
+    methods: list[Method] = []
+    """Any of these methods (default: any method)."""
+    headers: dict[HeaderName, str] = {}
+    """Each header must be present with exactly this value."""
+
+    @model_validator(mode="after")
+    def _one_path(self) -> RouteMatch:
+        _one_of(self, "path", "path_prefix", "path_regex", required=False)
+        if self.path_prefix is not None and not self.path_prefix.startswith("/"):
+            raise ValueError("pathPrefix must start with /")
+        return self
+
+
+class RouteRule(Model):
+    name: Name
+    """Rule name, unique in the route; a policy can target one rule."""
+    match: RouteMatch = RouteMatch(path_prefix="/")
+    """What requests this rule takes (default: every path)."""
+    backend: Name
+    """Name of the Backend the requests go to."""
+    timeout: Duration | None = None
+    """Upstream request timeout (Envoy's default 15s when unset; 0s disables it)."""
+
+
+class RouteSpec(Model):
+    gateway: Name
+    """The Gateway this route attaches to."""
+    listeners: list[Name] | None = None
+    """Attach only to these listeners of the gateway (default: all)."""
+    hostnames: Annotated[list[Hostname], Field(min_length=1)] = ["*"]
+    """Host headers served; ``*`` is every host, ``*.example.com`` a suffix."""
+    rules: Annotated[list[RouteRule], Field(min_length=1)]
+    """Rules, matched most specific first (exact path, longest prefix, regex, then more headers)."""
+
+
+# --- AuthPolicy --------------------------------------------------------------------------------
+
+
+class TargetRef(Model):
+    kind: Literal["Gateway", "Route"]
+    """What the policy attaches to."""
+    name: Name
+    """Name of the Gateway or Route."""
+    rule: Name | None = None
+    """With ``kind: Route``: attach to this rule only."""
+
+    @model_validator(mode="after")
+    def _rule_needs_route(self) -> TargetRef:
+        if self.rule is not None and self.kind != "Route":
+            raise ValueError("rule can only be set with kind: Route")
+        return self
+
+
+class Jwks(Model):
+    uri: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None
+    """Remote JWKS URL (http or https); Envoy fetches it, caches it and refreshes it in the
+    background so key rotation needs no restart."""
+    file: str | None = None
+    """JWKS file, relative to the policy file; its content is sent to Envoy inline."""
+    inline: dict[str, Any] | None = None
+    """A JWKS written in the policy (``{keys: [...]}``)."""
+    cache_duration: Duration = 300.0
+    """How long a fetched remote JWKS is cached before it is fetched again."""
+    timeout: Duration = 5.0
+    """Timeout of one remote JWKS fetch."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Jwks:
+        _one_of(self, "uri", "file", "inline")
+        return self
+
+
+class TokenSource(Model):
+    header: HeaderName | None = None
+    """Read the token from this header."""
+    prefix: str | None = None
+    """With ``header``: the value prefix before the token, e.g. ``"Bearer "``."""
+    cookie: str | None = None
+    """Read the token from this cookie."""
+    query: str | None = None
+    """Read the token from this query parameter."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenSource:
+        _one_of(self, "header", "cookie", "query")
+        if self.prefix is not None and self.header is None:
+            raise ValueError("prefix can only be used with header")
+        return self
+
+
+class JwtProvider(Model):
+    name: Name
+    """Provider name, unique in the policy."""
+    issuer: str | None = None
+    """Required ``iss`` claim (unset: any issuer)."""
+    audiences: list[str] = []
+    """Accepted ``aud`` values (empty: any). A token for another audience gets 403."""
+    jwks: Jwks
+    """Where the verification keys come from."""
+    from_: Annotated[list[TokenSource], Field(alias="from")] = []
+    """Where the token is read (default: ``Authorization: Bearer <token>``)."""
+    forward: bool = False
+    """Keep the token in the request sent upstream (default: removed)."""
+    claims_to_headers: dict[str, HeaderName] = {}
+    """Copy these claims (``sub``, ``email``, nested ``a.b``) into upstream request headers."""
+    clock_skew: Duration = 60.0
+    """Tolerated clock difference when checking ``exp`` and ``nbf``."""
+    cache_size: Annotated[int, Field(ge=0, le=1_000_000)] = 100
+    """Verified tokens kept in Envoy's JWT cache (0 turns the cache off). The cache keeps RS256
+    verification from dominating the request cost."""
+
+
+class Jwt(Model):
+    providers: Annotated[list[JwtProvider], Field(min_length=1)]
+    """A token from any one of these providers is accepted."""
+    required: bool = True
+    """false: a request without a token passes this check; a present but bad token never does."""
+
+
+class Conditions(Model):
+    """All given kinds must match; within one kind, any listed value matches."""
+
+    claims: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
+    """Verified JWT claims (dotted paths for nested claims); string claims must equal a value,
+    array claims must contain one."""
+    headers: dict[HeaderName, Annotated[list[str], Field(min_length=1)]] = {}
+    """Request headers, exact values."""
+    source_cidrs: Annotated[list[CIDR], Field(alias="sourceCIDRs")] = []
+    """Client address ranges (the client address as the gateway's xffNumTrustedHops defines it)."""
+    methods: list[Method] = []
+    """HTTP methods."""
+    paths: list[PathPattern] = []
+    """Exact paths, or prefixes written ``/prefix/*``."""
+
+    def is_empty(self) -> bool:
+        return not (self.claims or self.headers or self.source_cidrs or self.methods or self.paths)
+
+
+class AuthorizationRule(Model):
+    name: Name
+    """Rule name, unique in the policy."""
+    action: Literal["allow", "deny"]
+    """Deny rules win over allow rules."""
+    when: Conditions = Conditions()
+    """Conditions; empty matches every request."""
+
+
+class Authorization(Model):
+    default: Literal["allow", "deny"] = "deny"
+    """Decision when no allow rule matches (deny rules always win)."""
+    rules: list[AuthorizationRule] = []
+    """Allow and deny rules."""
+
+
+class DenyResponse(Model):
+    status: Status = 403
+    """HTTP status of the denial."""
+    body: str = ""
+    """Response body."""
+    headers: dict[HeaderName, str] = {}
+    """Response headers."""
+
+
+class ExtAuthRule(Model):
+    name: Name
+    """Rule name, unique in the policy."""
+    when: Conditions = Conditions()
+    """Conditions; empty matches every request."""
+    action: Literal["allow", "deny"]
+    """What a match decides; the first matching rule wins and no match denies."""
+    upstream_headers: dict[HeaderName, str] = {}
+    """On allow: headers added to the request sent upstream."""
+    deny: DenyResponse = DenyResponse()
+    """On deny: the response sent to the client."""
+
+
+class ExtAuth(Model):
+    service: str
+    """``builtin`` (authplane's decision service) or the name of a Backend (your own service)."""
+    protocol: Literal["grpc", "http"] = "grpc"
+    """Protocol of the service: Envoy's ext_authz gRPC API or plain HTTP."""
+    timeout: Duration = 0.2
+    """How long Envoy waits for a decision."""
+    fail_open: bool = False
+    """Let requests through when the service cannot be reached (Envoy adds
+    ``x-envoy-auth-failure-mode-allowed: true`` upstream)."""
+    status_on_error: Status = 503
+    """Status returned when the service cannot be reached and failOpen is false."""
+    headers_to_upstream: list[HeaderName] = []
+    """HTTP services: response headers of the service copied to the upstream request
+    (gRPC services set upstream headers in their answer)."""
+    path_prefix: str = ""
+    """HTTP services: prefix added to the request path sent to the service."""
+    rules: list[ExtAuthRule] | None = None
+    """``service: builtin`` only: the decision rules."""
+
+
+class AuthPolicySpec(Model):
+    target_ref: TargetRef
+    """The Gateway, Route or Route rule the policy applies to."""
+    public: bool = False
+    """Route level only: turn every check (gateway level included) off for the target."""
+    jwt: Jwt | None = None
+    """JWT verification."""
+    authorization: Authorization | None = None
+    """Native authorization rules (Envoy RBAC)."""
+    ext_auth: ExtAuth | None = None
+    """External authorization (authplane's decision service or your own)."""
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+class _Document(Model):
+    api_version: Literal["authplane.dev/v1alpha1"] = Field(alias="apiVersion")
+    """Always ``authplane.dev/v1alpha1``."""
+    metadata: Metadata
+
+
+class Gateway(_Document):
+    kind: Literal["Gateway"]
+    spec: GatewaySpec
+
+
+class Backend(_Document):
+    kind: Literal["Backend"]
+    spec: BackendSpec
+
+
+class Route(_Document):
+    kind: Literal["Route"]
+    spec: RouteSpec
+
+
+class AuthPolicy(_Document):
+    kind: Literal["AuthPolicy"]
+    spec: AuthPolicySpec
+
+
+KINDS: dict[str, type[_Document]] = {
+    "Gateway": Gateway, "Backend": Backend, "Route": Route, "AuthPolicy": AuthPolicy,
+}
+assert API_VERSION == "authplane.dev/v1alpha1"
+
+PolicyDocument = Annotated[Gateway | Backend | Route | AuthPolicy, Field(discriminator="kind")]

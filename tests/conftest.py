@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from authplane.devtools.echo import EchoServer
+from authplane.devtools.idp import DevIdentityProvider
+from authplane.devtools.sample_authz import SampleAuthzGrpc, SampleAuthzHttp
+
+
+@pytest.fixture(scope="session")
+def idp() -> DevIdentityProvider:
+    return DevIdentityProvider(issuer="https://idp.authplane.test")
+
+
+@pytest.fixture
+def jwks_file(tmp_path, idp) -> str:
+    path = tmp_path / "policies" / "jwks.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(idp.jwks()))
+    return str(path)
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sample_authz() -> Iterator[SampleAuthzGrpc]:
+    server = SampleAuthzGrpc().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sample_authz_http() -> Iterator[SampleAuthzHttp]:
+    server = SampleAuthzHttp().start()
+    yield server
+    server.stop()

@@ -42,3 +42,8 @@ def sample_authz_http() -> Iterator[SampleAuthzHttp]:
     server = SampleAuthzHttp().start()
     yield server
     server.stop()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/testdata/*.out.yaml from the current compiler")

@@ -72,13 +72,17 @@ def _backend_cluster(p: Policies, name: str, fleet: FleetIR) -> str:
 
 
 def specificity(match: RouteMatch) -> tuple[int, ...]:
-    """Sort key, most specific first: exact path, longest prefix, regex; then more headers/methods."""
+    """Sort key, most specific first: exact paths, longer prefixes, regexes, the catch-all ``/``;
+    within one kind, more header conditions first, then rules with methods."""
+    prefix = (match.path_prefix or "/").rstrip("/")
     if match.path is not None:
         kind, length = 0, len(match.path)
-    elif match.path_prefix is not None:
-        kind, length = 1, len(match.path_prefix.rstrip("/"))
+    elif match.path_regex is not None:
+        kind, length = 2, 0
+    elif prefix:
+        kind, length = 1, len(prefix)
     else:
-        kind, length = 2, len(match.path_regex or "")
+        kind, length = 3, 0
     return (kind, -length, -len(match.headers), 0 if match.methods else 1)
 
 

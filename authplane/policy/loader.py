@@ -110,6 +110,16 @@ def _translate(err: Any) -> str:
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"must be one of {expected}, got {value!r}"
+    ctx = err.get("ctx", {})
+    bounds = {"less_than_equal": ("at most", "le"), "greater_than_equal": ("at least", "ge"),
+              "less_than": ("less than", "lt"), "greater_than": ("greater than", "gt")}
+    if kind in bounds:
+        word, key = bounds[kind]
+        return f"must be {word} {ctx[key]}, got {value!r}"
+    if kind == "too_short":
+        return f"needs at least {ctx['min_length']} item{'s' if ctx['min_length'] != 1 else ''}"
+    if kind == "string_too_long":
+        return f"too long (at most {ctx['max_length']} characters)"
     if kind == "string_pattern_mismatch":
         field_name = str(loc[-2] if isinstance(loc[-1], int) and len(loc) > 1 else loc[-1])
         return f"invalid {field_name} {value!r}: does not match {err['ctx']['pattern']}"
@@ -183,13 +193,16 @@ def _check_document(path: str, doc: Document, out: list[Problem],
             broken.add((kind, name))
         for err in e.errors():
             loc = tuple(err["loc"])
+            on_key = err["type"] == "extra_forbidden"
+            if loc and loc[-1] == "[key]":  # a bad mapping key: point at the key itself
+                loc, on_key = loc[:-1], True
             msg = _translate(err)
             if err["type"] == "extra_forbidden":
                 known = _known_fields(model, loc)
                 close = difflib.get_close_matches(str(loc[-1]), known, n=1)
                 msg += f" (did you mean {close[0]!r}?)" if close else (
                     f" (expected one of: {', '.join(known)})" if known else "")
-            out.append(src.problem(loc, msg, key=err["type"] == "extra_forbidden"))
+            out.append(src.problem(loc, msg, key=on_key))
         return None
     return Item(obj, src)
 

@@ -132,7 +132,8 @@ class RouteSpec(Model):
     hostnames: Annotated[list[Hostname], Field(min_length=1)] = ["*"]
     """Host headers served; ``*`` is every host, ``*.example.com`` a suffix."""
     rules: Annotated[list[RouteRule], Field(min_length=1)]
-    """Rules, matched most specific first (exact path, longest prefix, regex, then more headers)."""
+    """Rules. Envoy tries the rules of all routes of a host most specific first: exact paths,
+    longer prefixes, regexes, then the catch-all prefix ``/``; more header conditions first."""
 
 
 # --- AuthPolicy --------------------------------------------------------------------------------

@@ -39,13 +39,14 @@ def _service(ir: ExtAuthIR) -> grpc_service_pb2.GrpcService | ea.HttpService:
         return grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ir.cluster),
             timeout=duration(s.timeout))
-    return ea.HttpService(
+    http = ea.HttpService(
         server_uri=http_uri_pb2.HttpUri(uri=f"http://{ir.cluster}", cluster=ir.cluster,
                                         timeout=duration(s.timeout)),
-        path_prefix=s.path_prefix,
-        authorization_response=ea.AuthorizationResponse(allowed_upstream_headers=string_pb2.ListStringMatcher(
-            patterns=[string_pb2.StringMatcher(exact=h) for h in s.headers_to_upstream])),
-    )
+        path_prefix=s.path_prefix)
+    if s.headers_to_upstream:  # Envoy refuses an empty matcher list
+        http.authorization_response.allowed_upstream_headers.patterns.extend(
+            string_pb2.StringMatcher(exact=h) for h in s.headers_to_upstream)
+    return http
 
 
 def _filter(ir: ExtAuthIR) -> ea.ExtAuthz:

@@ -12,7 +12,7 @@ import pydantic
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from authplane.policy.model import KINDS
+from authplane.policy.model import KINDS, Metadata
 from authplane.policy.types import format_duration
 
 EXAMPLE = """\
@@ -172,6 +172,7 @@ def _models() -> list[type[pydantic.BaseModel]]:
             for inner in _inner(info.annotation):
                 visit(inner)
 
+    visit(Metadata)
     for kind in KINDS.values():
         visit(kind.model_fields["spec"].annotation)
     return seen

@@ -33,7 +33,7 @@ def test_validate_reports_each_problem_and_exits_1(tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert lines == [
-        f"{tmp_path}/a.yaml:7:1: invalid YAML: expected the node content, but found '<stream end>'",
+        f"{tmp_path}/a.yaml:7:1: invalid YAML: did not find expected node content",
         "1 problem found"]
     assert "Traceback" not in r.stderr
 

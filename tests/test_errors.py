@@ -114,7 +114,7 @@ CASES = {
          "key needs kty RSA/EC/oct/OKP and its members, e.g. n and e for RSA)"]),
     "YAML syntax error": (
         {"bad.yaml": "kind: Route\nspec: [unclosed\n"},
-        ["bad.yaml:3:1: invalid YAML: expected ',' or ']', but got '<stream end>'"]),
+        ["bad.yaml:3:1: invalid YAML: did not find expected ',' or ']'"]),
     "garbage that is not a document": (
         {"bad.yaml": "just some text\n"},
         ["bad.yaml:1:1: expected a mapping with apiVersion, kind, metadata and spec, got str "

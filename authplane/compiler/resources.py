@@ -153,7 +153,7 @@ class Resources:
     def add(self, type_url: str, name: str, msg: Message, *origins: Origin | None) -> None:
         self.by_type[type_url][name] = msg
         found = self.origins.setdefault((type_url, name), [])
-        found.extend(o for o in origins if o is not None and o not in found)
+        found.extend(dict.fromkeys(o for o in origins if o is not None and o not in found))
 
 
 def fleet_resources(fleet: FleetIR) -> Resources:
@@ -163,7 +163,8 @@ def fleet_resources(fleet: FleetIR) -> Resources:
         filters = http_filters(lst)
         origins = [lst.origin, *(c.origin for c in lst.all_checks())]
         res.add(LISTENER, lst.name, listener(lst, filters), *origins)
-        route_origins = origins + [r.origin for vh in lst.virtual_hosts for r in vh.routes]
+        route_origins = list(dict.fromkeys(
+            origins + [r.origin for vh in lst.virtual_hosts for r in vh.routes]))
         res.add(ROUTE, lst.route_config_name, route_configuration(lst, filters), *route_origins)
         for module in ORDER:
             for c in module.clusters(lst):

@@ -255,33 +255,83 @@ class Authorization(Model):
     """Allow and deny rules."""
 
 
+class ApiKeys(Model):
+    """API keys checked by the builtin decision service."""
+
+    file: str
+    """Key file, relative to the policy file: one ``client-name: key`` per line (``#`` comments);
+    a key written ``sha256:<hex>`` is stored hashed. Do not name it ``*.yaml`` inside the policy
+    directory (it would be read as a policy). Changing the file changes decisions at the next reload."""
+    header: HeaderName = "x-api-key"
+    """Request header carrying the key."""
+    prefix: str = ""
+    """Value prefix before the key, e.g. ``"ApiKey "`` with ``header: authorization``."""
+    client_header: HeaderName | None = None
+    """On allow, send the client name of a valid key upstream in this header (any copy sent by the
+    client is replaced)."""
+    forward: bool = False
+    """Keep the key header in the request sent upstream (default: removed)."""
+
+
+class ExtAuthConditions(Conditions):
+    """All given kinds must match; within one kind, any listed value matches. ``claims`` are the
+    claims of the JWT verified by Envoy (or, on the forward-auth endpoint, by the decision service
+    with this policy's ``jwt`` providers)."""
+
+    api_keys: list[str] = []
+    """A valid API key (see ``extAuth.apiKeys``) of one of these clients; ``"*"``: any client."""
+    authenticated: bool | None = None
+    """true: the request carries a verified JWT or a valid API key; false: it carries neither."""
+
+    def is_empty(self) -> bool:
+        return super().is_empty() and not self.api_keys and self.authenticated is None
+
+
 class DenyResponse(Model):
     status: Status = 403
     """HTTP status of the denial."""
     body: str = ""
     """Response body."""
     headers: dict[HeaderName, str] = {}
-    """Response headers."""
+    """Response headers. A 401 gets ``WWW-Authenticate: Bearer realm="<policy>"`` unless set here."""
+    sign_in: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None
+    """Sign-in URL: browsers (``Accept: text/html``) get a 302 to it with the original URL in the
+    ``rd`` query parameter; other clients get ``status`` (use 401)."""
 
 
 class ExtAuthRule(Model):
     name: Name
     """Rule name, unique in the policy."""
-    when: Conditions = Conditions()
+    when: ExtAuthConditions = ExtAuthConditions()
     """Conditions; empty matches every request."""
     action: Literal["allow", "deny"]
     """What a match decides; the first matching rule wins and no match denies."""
     upstream_headers: dict[HeaderName, str] = {}
-    """On allow: headers added to the request sent upstream."""
+    """On allow: headers set on the request sent upstream (replacing any client copy)."""
+    remove_headers: list[HeaderName] = []
+    """On allow: headers removed from the request sent upstream."""
+    response_headers: dict[HeaderName, str] = {}
+    """On allow: headers added to the response sent to the client."""
     deny: DenyResponse = DenyResponse()
     """On deny: the response sent to the client."""
+
+
+class DecisionCache(Model):
+    """How long the builtin decision service reuses a decision for the same request identity
+    (credentials, method, path, the headers and source address the rules read, policy version)."""
+
+    allow_ttl: Duration = 10.0
+    """Lifetime of a cached allow (capped by the JWT's ``exp``); 0s turns caching of allows off."""
+    deny_ttl: Duration = 1.0
+    """Lifetime of a cached deny; 0s turns caching of denies off."""
 
 
 class ExtAuth(Model):
     service: str
     """``builtin`` (authplane's decision service) or the name of a Backend (your own service)."""
-    protocol: Literal["grpc", "http"] = "grpc"
-    """Protocol of the service: Envoy's ext_authz gRPC API or plain HTTP."""
+    protocol: Literal["grpc", "http"] | None = None
+    """Protocol of the service: Envoy's ext_authz gRPC API or plain HTTP. Default: ``http`` for
+    ``builtin`` (fewer per-check costs, see docs/decision-service.md), ``grpc`` for a Backend."""
     timeout: Duration = 0.2
     """How long Envoy waits for a decision."""
     fail_open: bool = False
@@ -290,12 +340,27 @@ class ExtAuth(Model):
     status_on_error: Status = 503
     """Status returned when the service cannot be reached and failOpen is false."""
     headers_to_upstream: list[HeaderName] = []
-    """HTTP services: response headers of the service copied to the upstream request
-    (gRPC services set upstream headers in their answer)."""
+    """HTTP Backend services: response headers of the service copied to the upstream request
+    (gRPC services set upstream headers in their answer; builtin rules declare theirs)."""
     path_prefix: str = ""
-    """HTTP services: prefix added to the request path sent to the service."""
+    """HTTP Backend services: prefix added to the request path sent to the service."""
     rules: list[ExtAuthRule] | None = None
     """``service: builtin`` only: the decision rules."""
+    api_keys: ApiKeys | None = None
+    """``service: builtin`` only: API keys the rules can require (``when.apiKeys``)."""
+    identity_headers: bool = True
+    """``service: builtin`` only: on allow, send ``X-Auth-Request-User``, ``-Email`` and
+    ``-Groups`` upstream (from the JWT's ``sub``, ``email``, ``groups``, or the API key's client
+    name); copies sent by the client are always removed."""
+    cache: DecisionCache = DecisionCache()
+    """``service: builtin`` only: decision cache lifetimes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_protocol(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("protocol") is None and "service" in data:
+            data = {**data, "protocol": "http" if data["service"] == "builtin" else "grpc"}
+        return data
 
 
 class AuthPolicySpec(Model):

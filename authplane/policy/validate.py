@@ -94,6 +94,8 @@ def _missing(p: Policies, item: Item[Any], path: tuple[Any, ...], kind: str, nam
 
 
 def _policies(p: Policies, out: list[Problem]) -> None:
+    gateways_with_jwt = {x.obj.spec.target_ref.name for x in p.policies.values()
+                         if x.obj.spec.target_ref.kind == "Gateway" and x.obj.spec.jwt}
     targets: dict[tuple[str, str, str | None], Item[AuthPolicy]] = {}
     by_route: dict[str, list[Item[AuthPolicy]]] = defaultdict(list)
     for pol in p.policies.values():
@@ -128,9 +130,9 @@ def _policies(p: Policies, out: list[Problem]) -> None:
             _jwt(p, pol, out)
         if spec.authorization:
             _names(pol, ("spec", "authorization", "rules"), spec.authorization.rules, out)
-            if any(r.when.claims for r in spec.authorization.rules) and not spec.jwt and ref.kind == "Route":
-                gw_has_jwt = _gateway_has_jwt(p, ref.name)
-                if not gw_has_jwt:
+            route = p.routes.get(ref.name) if ref.kind == "Route" else None
+            if route and not spec.jwt and any(r.when.claims for r in spec.authorization.rules):
+                if route.obj.spec.gateway not in gateways_with_jwt:
                     out.append(src.problem(("spec", "authorization"),
                                            "claims conditions need a jwt section in this policy or on the gateway"))
         if spec.ext_auth:
@@ -144,15 +146,6 @@ def _policies(p: Policies, out: list[Problem]) -> None:
                     ("spec", "targetRef", "rule"),
                     f"Route {route_name!r} already has AuthPolicy {whole[0].name!r} ({whole[0].source}) "
                     "for all its rules; split the route or move the checks into one policy"))
-
-
-def _gateway_has_jwt(p: Policies, route_name: str) -> bool:
-    route = p.routes.get(route_name)
-    if route is None:
-        return True  # already reported as a dangling reference
-    return any(x.obj.spec.jwt for x in p.policies.values()
-               if x.obj.spec.target_ref.kind == "Gateway"
-               and x.obj.spec.target_ref.name == route.obj.spec.gateway)
 
 
 def _names(pol: Item[AuthPolicy], path: tuple[str, ...], things: list[Any], out: list[Problem]) -> None:

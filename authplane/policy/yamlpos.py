@@ -70,14 +70,15 @@ class _Constructor(yaml.SafeLoader):
 
 
 _CONSTRUCTOR = _Constructor()
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # ~10x faster
 
 
 def load_documents(text: str) -> list[Document]:
     """Parse every document of a YAML stream; empty documents are skipped."""
     docs: list[Document] = []
-    loader: yaml.SafeLoader | None = None
+    loader: yaml.SafeLoader | None = None  # the C loader when PyYAML has libyaml
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         while loader.check_node():
             node = loader.get_node()
             if node is None:

@@ -1,0 +1,229 @@
+"""Policies → an immutable table of compiled builtin rules, swapped whole on every reload.
+
+Pure and cheap to share: plain frozen dataclasses, frozensets and ``ipaddress`` networks (the
+table is pickled to worker processes). Nothing here opens sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from authplane.policy.loader import Item, Policies
+from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuth, ExtAuthConditions, Jwt
+from authplane.policy.validate import read_jwks_file
+
+IDENTITY_HEADERS = ("x-auth-request-user", "x-auth-request-email", "x-auth-request-groups")
+"""Sent upstream on allow (``identityHeaders``), and answered by the forward-auth endpoint."""
+CLIENT_IP_HEADER = "x-authplane-client-ip"
+JWT_PAYLOAD_HEADER = "x-authplane-jwt-payload"
+"""HTTP mode: Envoy sets these on the check request from its own state (client address, verified
+JWT payload), replacing any client copy; they are never read from the client's request."""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class KeyFileError(ValueError):
+    """An API key file that cannot be used; the message never contains a key."""
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """``client-name: key`` lines (``#`` comments, blank lines) → {client: key}."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, key = line.partition(":")
+        name, key = name.strip(), key.strip().strip("'\"")
+        if not sep or not name or not key:
+            raise KeyFileError(f"line {n}: expected 'client-name: key'")
+        if name in out:
+            raise KeyFileError(f"line {n}: client {name!r} listed twice")
+        if key in seen:
+            raise KeyFileError(f"line {n}: client {name!r} reuses another client's key")
+        seen.add(key)
+        out[name] = key
+    if not out:
+        raise KeyFileError("no keys")
+    return out
+
+
+def key_file_path(item: Item[AuthPolicy], keys: ApiKeys) -> str:
+    return os.path.normpath(os.path.join(os.path.dirname(item.source.path), keys.file))
+
+
+def read_headers(ext: ExtAuth) -> list[str]:
+    """Request headers the builtin rules of ``ext`` read (what Envoy must send in HTTP mode)."""
+    names = {"accept"} | {h for r in ext.rules or [] for h in r.when.headers}
+    if ext.api_keys:
+        names.add(ext.api_keys.header)
+    return sorted(names)
+
+
+def upstream_headers(ext: ExtAuth) -> list[str]:
+    """Headers the builtin service may set upstream on allow (HTTP mode lets only these through)."""
+    names = {h for r in ext.rules or [] for h in r.upstream_headers}
+    if ext.identity_headers:
+        names.update(IDENTITY_HEADERS)
+    if ext.api_keys and ext.api_keys.client_header:
+        names.add(ext.api_keys.client_header)
+    return sorted(names)
+
+
+def response_headers(ext: ExtAuth) -> list[str]:
+    """Headers the builtin service may add to the client's response on allow."""
+    return sorted({h for r in ext.rules or [] for h in r.response_headers})
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """Compiled ``ExtAuthConditions``: all given kinds must match, any value within a kind."""
+
+    claims: tuple[tuple[tuple[str, ...], frozenset[str]], ...] = ()
+    headers: tuple[tuple[str, frozenset[str]], ...] = ()
+    networks: tuple[Network, ...] = ()
+    methods: frozenset[str] = frozenset()
+    paths: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    api_clients: frozenset[str] | None = None
+    authenticated: bool | None = None
+
+    @classmethod
+    def build(cls, when: ExtAuthConditions) -> Matcher:
+        return cls(
+            claims=tuple((tuple(k.split(".")), frozenset(v)) for k, v in sorted(when.claims.items())),
+            headers=tuple((k, frozenset(v)) for k, v in sorted(when.headers.items())),
+            networks=tuple(ipaddress.ip_network(c) for c in when.source_cidrs),
+            methods=frozenset(when.methods),
+            paths=frozenset(p for p in when.paths if not p.endswith("/*")),
+            prefixes=tuple(p[:-1] for p in when.paths if p.endswith("/*")),
+            api_clients=frozenset(when.api_keys) if when.api_keys else None,
+            authenticated=when.authenticated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    allow: bool
+    match: Matcher
+    upstream: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+    response: tuple[tuple[str, str], ...]
+    status: int
+    body: str
+    headers: tuple[tuple[str, str], ...]
+    sign_in: str | None
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """API keys by SHA-256 digest: a lookup costs one hash whatever the number of keys, and the
+    table holds no key in the clear (keys written ``sha256:<hex>`` are already hashed)."""
+
+    header: str
+    prefix: str
+    client_header: str | None
+    forward: bool
+    clients: dict[bytes, str] = field(repr=False)
+
+    @classmethod
+    def build(cls, spec: ApiKeys, text: str) -> KeyTable:
+        clients: dict[bytes, str] = {}
+        for name, key in parse_api_keys(text).items():
+            if key.startswith("sha256:"):
+                try:
+                    digest = bytes.fromhex(key[7:])
+                except ValueError:
+                    raise KeyFileError(f"client {name!r}: sha256: needs 64 hex digits") from None
+                if len(digest) != 32:
+                    raise KeyFileError(f"client {name!r}: sha256: needs 64 hex digits")
+            else:
+                digest = hashlib.sha256(key.encode()).digest()
+            clients[digest] = name
+        return cls(spec.header, spec.prefix, spec.client_header, spec.forward, clients)
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    name: str
+    rules: tuple[Rule, ...]
+    keys: KeyTable | None
+    identity_headers: bool
+    allow_ttl: float
+    deny_ttl: float
+    key_headers: tuple[str, ...]
+    """Headers that go into the cache key: the ones rules read, plus credentials."""
+    uses_source: bool
+    uses_url: bool
+    """A sign-in redirect carries the full original URL, so the cache key includes the query."""
+    jwt: Jwt | None
+    jwks_files: dict[str, str]
+    """provider name → JWKS file content (forward-auth verifies tokens itself)."""
+
+
+@dataclass(frozen=True)
+class RuleTable:
+    """Every builtin policy, compiled; ``version`` identifies it in cache keys and logs."""
+
+    version: str
+    policies: dict[str, CompiledPolicy]
+
+    @classmethod
+    def empty(cls) -> RuleTable:
+        return cls("", {})
+
+
+def _rule(r: Any) -> Rule:
+    return Rule(
+        name=r.name, allow=r.action == "allow", match=Matcher.build(r.when),
+        upstream=tuple(sorted(r.upstream_headers.items())), remove=tuple(r.remove_headers),
+        response=tuple(sorted(r.response_headers.items())), status=r.deny.status, body=r.deny.body,
+        headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in)
+
+
+def compile_policy(item: Item[AuthPolicy], files: dict[str, str]) -> CompiledPolicy:
+    """One policy's builtin rules. Files are read from ``files`` (what validation read) first."""
+    ext = item.obj.spec.ext_auth
+    assert ext is not None and ext.rules is not None
+    keys = None
+    if ext.api_keys:
+        path = key_file_path(item, ext.api_keys)
+        text = files.get(path)
+        if text is None:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        keys = KeyTable.build(ext.api_keys, text)
+    jwt = item.obj.spec.jwt
+    jwks_files: dict[str, str] = {}
+    for prov in jwt.providers if jwt else []:
+        if prov.jwks.file is not None:
+            path, text = read_jwks_file(item, prov.jwks)
+            jwks_files[prov.name] = files.get(path, text)
+    credentials = ["authorization", "cookie"] + ([keys.header] if keys else [])
+    key_headers = tuple(sorted(set(credentials) | set(read_headers(ext))))
+    return CompiledPolicy(
+        name=item.name, rules=tuple(_rule(r) for r in ext.rules), keys=keys,
+        identity_headers=ext.identity_headers, allow_ttl=ext.cache.allow_ttl,
+        deny_ttl=ext.cache.deny_ttl, key_headers=key_headers,
+        uses_source=any(r.when.source_cidrs for r in ext.rules),
+        uses_url=any(r.deny.sign_in for r in ext.rules), jwt=jwt, jwks_files=jwks_files)
+
+
+def compile_table(policies: Policies, version: str) -> RuleTable:
+    """Every ``service: builtin`` policy. The table version also covers the files the rules read
+    (API key files are not part of the Envoy snapshot), so a key change invalidates the cache."""
+    compiled: dict[str, CompiledPolicy] = {}
+    for name, item in policies.policies.items():
+        ext = item.obj.spec.ext_auth
+        if ext is not None and ext.service == "builtin" and ext.rules is not None:
+            compiled[name] = compile_policy(item, policies.files)
+    digest = hashlib.sha256(version.encode())
+    for path in sorted(policies.files):
+        digest.update(f"\0{path}\0".encode() + policies.files[path].encode())
+    return RuleTable(f"{version}+{digest.hexdigest()[:8]}", compiled)

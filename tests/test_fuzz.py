@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,7 @@ from authplane.errors import PolicyError
 from authplane.policy.loader import load_texts
 
 HERE = os.path.join(os.path.dirname(__file__), "testdata")
-SAMPLES = [open(p).read() for p in sorted(glob.glob(f"{HERE}/*.in.yaml"))]
+SAMPLES = [Path(p).read_text() for p in sorted(glob.glob(f"{HERE}/*.in.yaml"))]
 
 
 def _load(text: str) -> None:

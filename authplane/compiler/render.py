@@ -6,15 +6,14 @@ import json
 from typing import Any
 
 import yaml
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from authplane.compiler.pb import pack
 from authplane.compiler.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE

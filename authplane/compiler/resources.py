@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
-
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.core.v3 import protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -17,6 +14,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from authplane.compiler.filters import ORDER, router
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR

@@ -12,12 +12,11 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
-from google.rpc import status_pb2
-
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
+from google.rpc import status_pb2
 
 HEADER, ALLOW = "x-ext-authz", "allow"
 RESULT = "x-ext-authz-check-result"

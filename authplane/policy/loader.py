@@ -247,10 +247,7 @@ def load_dir(root: str) -> Policies:
     """Load and validate every policy file under ``root``."""
     if not os.path.exists(root):
         raise PolicyError([Problem(root, 1, 1, "", "no such directory")])
-    if os.path.isfile(root):
-        paths = [root]
-    else:
-        paths = policy_files(root)
+    paths = [root] if os.path.isfile(root) else policy_files(root)
     if not paths:
         raise PolicyError([Problem(root, 1, 1, "", "no policy files (*.yaml, *.yml) found")])
     texts: dict[str, str] = {}

@@ -106,9 +106,11 @@ Status = Annotated[int, Field(ge=200, le=599)]
 Name = Annotated[str, Field(pattern=_NAME, max_length=63)]
 CIDR = Annotated[str, AfterValidator(_cidr), WithJsonSchema({"type": "string", "description": "An IPv4 or IPv6 CIDR."})]
 IPAddress = Annotated[str, AfterValidator(_ip), WithJsonSchema({"type": "string", "description": "An IP address."})]
-Regex = Annotated[str, AfterValidator(_regex), WithJsonSchema({"type": "string", "format": "regex", "description": "An RE2 regular expression."})]
+Regex = Annotated[str, AfterValidator(_regex),
+                  WithJsonSchema({"type": "string", "format": "regex", "description": "An RE2 regular expression."})]
 HeaderName = Annotated[str, AfterValidator(_header), _schema(_TOKEN.pattern, "An HTTP header name.")]
 Hostname = Annotated[str, AfterValidator(_hostname), _schema(_HOST.pattern, "A hostname, *.suffix or *.")]
 Endpoint = Annotated[str, AfterValidator(_endpoint), WithJsonSchema({"type": "string", "description": "host:port"})]
-PathPattern = Annotated[str, AfterValidator(_path), WithJsonSchema({"type": "string", "pattern": "^/", "description": "An exact path, or a prefix ending in /*."})]
+PathPattern = Annotated[str, AfterValidator(_path), WithJsonSchema(
+    {"type": "string", "pattern": "^/", "description": "An exact path, or a prefix ending in /*."})]
 Method = Annotated[str, Field(pattern=r"^(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS|CONNECT|TRACE)$")]

@@ -131,10 +131,10 @@ def _policies(p: Policies, out: list[Problem]) -> None:
         if spec.authorization:
             _names(pol, ("spec", "authorization", "rules"), spec.authorization.rules, out)
             route = p.routes.get(ref.name) if ref.kind == "Route" else None
-            if route and not spec.jwt and any(r.when.claims for r in spec.authorization.rules):
-                if route.obj.spec.gateway not in gateways_with_jwt:
-                    out.append(src.problem(("spec", "authorization"),
-                                           "claims conditions need a jwt section in this policy or on the gateway"))
+            gateway_jwt = route is not None and route.obj.spec.gateway in gateways_with_jwt
+            if any(r.when.claims for r in spec.authorization.rules) and not (spec.jwt or gateway_jwt):
+                out.append(src.problem(("spec", "authorization"),
+                                       "claims conditions need a jwt section in this policy or on the gateway"))
         if spec.ext_auth:
             _ext_auth(p, pol, out)
     for route_name, pols in by_route.items():

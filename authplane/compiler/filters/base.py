@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from google.protobuf import any_pb2
-
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from google.protobuf import any_pb2
 
 from authplane.compiler.ir import ClusterIR, ListenerIR, RouteIR
 

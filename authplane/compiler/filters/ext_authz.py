@@ -9,8 +9,6 @@ the context extensions that tell the builtin decision service which policy appli
 
 from __future__ import annotations
 
-from google.protobuf import any_pb2
-
 from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2, http_uri_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as ea
@@ -19,6 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import any_pb2
 
 from authplane.compiler.filters.jwt_authn import NAME as JWT_FILTER
 from authplane.compiler.ir import ClusterIR, ExtAuthIR, ListenerIR, RouteIR

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
-from google.protobuf import any_pb2, empty_pb2
-
 from envoy.config.core.v3 import http_uri_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from google.protobuf import any_pb2, empty_pb2
 
 from authplane.compiler.ir import Checks, ClusterIR, JwtIR, ListenerIR, RouteIR
 from authplane.compiler.pb import duration, pack

@@ -9,8 +9,6 @@ deny rule"; with ``default: allow`` a DENY action with the deny rules. Deny rule
 
 from __future__ import annotations
 
-from google.protobuf import any_pb2
-
 from envoy.config.core.v3 import address_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -19,6 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
+from google.protobuf import any_pb2
 
 from authplane.compiler.filters.jwt_authn import NAME as JWT_FILTER
 from authplane.compiler.filters.jwt_authn import PAYLOAD_KEY

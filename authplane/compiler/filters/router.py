@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from google.protobuf import any_pb2
-
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
+from google.protobuf import any_pb2
 
 from authplane.compiler.ir import ClusterIR, ListenerIR, RouteIR
 from authplane.compiler.pb import pack

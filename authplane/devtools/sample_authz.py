@@ -7,9 +7,7 @@ Allows a request carrying ``x-ext-authz: allow``; otherwise 403 with a fixed bod
 
 from __future__ import annotations
 
-import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -17,6 +15,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
+
+from authplane.devtools.httpserver import BackgroundServer, Handler
 
 HEADER, ALLOW = "x-ext-authz", "allow"
 RESULT = "x-ext-authz-check-result"
@@ -58,36 +58,17 @@ class SampleAuthzGrpc:
         self.server.stop(grace=None)
 
 
-class _Http(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _Http(Handler):
     def _answer(self) -> None:
         allowed = self.headers.get(HEADER) == ALLOW
-        body = b"" if allowed else DENY_BODY.encode()
-        self.send_response(200 if allowed else 403)
-        self.send_header(RESULT, "allowed" if allowed else "denied")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(200 if allowed else 403, "" if allowed else DENY_BODY,
+                  {RESULT: "allowed" if allowed else "denied"})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _answer
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
-
-class SampleAuthzHttp:
+class SampleAuthzHttp(BackgroundServer):
     """The HTTP flavour (Envoy's ext_authz ``http_service``)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        self.httpd = ThreadingHTTPServer((host, port), _Http)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-
-    def start(self) -> SampleAuthzHttp:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(_Http, host, port)

@@ -1,0 +1,131 @@
+"""The admin HTTP endpoint (``/status``, ``/metrics``, ``/healthz``) and ``authplane status``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from authplane.controlplane import split_address
+
+log = logging.getLogger("authplane.admin")
+
+StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class AdminServer:
+    """A component of ``serve`` (see ``app.Component``). ``registries`` are concatenated on
+    ``/metrics``; components that bring their own registry append theirs."""
+
+    def __init__(self, address: str, status: StatusFn, registries: list[CollectorRegistry]) -> None:
+        self.requested = address
+        self.address = address
+        self.registries = registries
+        self._status = status
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        host, port = split_address(self.requested)
+        app = web.Application()
+        app.router.add_get("/status", self._get_status)
+        app.router.add_get("/metrics", self._get_metrics)
+        app.router.add_get("/healthz", self._get_healthz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise OSError(f"cannot listen on {self.requested} (admin): {e.strerror}") from None
+        bound = runner.addresses[0]
+        self.address = f"{host}:{bound[1]}"
+        self._runner = runner
+        log.info("admin (/status, /metrics, /healthz) on http://%s", self.address)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _get_status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._status(), dumps=lambda d: json.dumps(d, indent=2) + "\n")
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        body = b"".join(generate_latest(r) for r in self.registries)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _get_healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+
+# -- authplane status ------------------------------------------------------------------------
+
+TYPES = ("clusters", "endpoints", "listeners", "routes")
+
+
+def fetch_status(address: str, timeout: float = 5) -> dict[str, Any]:
+    """GET /status; OSError with a one-line message if the server cannot be reached."""
+    url = f"http://{address}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise OSError(f"{url} answered {e.code}") from None
+    except urllib.error.URLError as e:
+        raise OSError(f"cannot reach {url}: {getattr(e.reason, 'strerror', None) or e.reason}") from None
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot read {url}: {e}") from None
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+            for row in (header, *rows)]
+
+
+def _acked(node: dict[str, Any]) -> str:
+    acked = {t: v for t, v in node["acked"].items() if v}
+    versions = set(acked.values())
+    if len(versions) == 1 and len(acked) == len(node["acked"]):
+        return versions.pop()
+    return " ".join(f"{t}={v or '-'}" for t, v in node["acked"].items()) or "-"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """The ``authplane status`` table: fleets, the last reload, and one row per node."""
+    git = doc.get("git")
+    lines = [f"policies: {doc['policy_dir']}" + (f" (git {git})" if git else "") +
+             f"; xDS on {doc['xds']}"]
+    fleets = doc["fleets"]
+    lines += table(("FLEET", "VERSION", *(t.upper() for t in TYPES)),
+                   [(f, info["version"], *(str(info["resources"][t]) for t in TYPES))
+                    for f, info in fleets.items()]) if fleets else ["no fleets (nothing valid loaded yet)"]
+    error = doc.get("last_reload_error")
+    if error:
+        lines.append(f"last change REJECTED at {error['at']} (still serving the versions above):")
+        lines += [f"  {p}" for p in error["problems"]]
+    elif doc.get("last_reload_at"):
+        lines.append(f"last reload: ok at {doc['last_reload_at']}")
+    nodes = doc["nodes"]
+    lines.append("")
+    if not nodes:
+        lines.append("no Envoy has connected")
+        return "\n".join(lines) + "\n"
+    rows = [(n["id"], n["fleet"] + ("" if n["known_fleet"] else " (unknown)"), n["protocol"], n["state"],
+             _acked(n), n["connected_since"] if n["connected"] else f"gone {n['disconnected_at']}")
+            for n in nodes]
+    lines += table(("NODE", "FLEET", "PROTOCOL", "STATE", "ACKED VERSION", "CONNECTED SINCE"), rows)
+    for n in nodes:
+        rej = n.get("last_rejection")
+        if rej:
+            lines.append(f"{n['id']}: {'REJECTS' if rej['active'] else 'rejected (resolved)'} {rej['type']} "
+                         f"of version {rej['version']} at {rej['at']}:")
+            lines.append(f"  envoy: {rej['error_detail']}")
+            lines += [f"  from {s}" for s in rej["sources"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""The Envoy bootstrap of one fleet member: node identity, admin on loopback, ADS to authplane."""
+
+from __future__ import annotations
+
+import shlex
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.core.v3 import config_source_pb2
+from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+
+from authplane.compiler.ir import ClusterIR
+from authplane.compiler.pb import ads_source, duration, pack, socket_address
+from authplane.compiler.render import dump, to_dict
+from authplane.compiler.resources import cluster
+from authplane.controlplane import split_address
+
+XDS_CLUSTER = "_authplane_xds"
+"""Policy names start with a letter or digit, so no Backend can take this cluster name."""
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+
+def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port: int = 9901,
+              delta: bool = True) -> bootstrap_pb2.Bootstrap:
+    host, port = split_address(xds)
+    boot = bootstrap_pb2.Bootstrap()
+    boot.node.id = node_id
+    boot.node.cluster = fleet
+    boot.admin.address.CopyFrom(socket_address("127.0.0.1", admin_port))
+
+    ads = boot.dynamic_resources.ads_config
+    ads.api_type = config_source_pb2.ApiConfigSource.DELTA_GRPC if delta else config_source_pb2.ApiConfigSource.GRPC
+    ads.transport_api_version = config_source_pb2.V3
+    ads.set_node_on_first_message_only = True
+    grpc = ads.grpc_services.add().envoy_grpc
+    grpc.cluster_name = XDS_CLUSTER
+    # Reconnect fast after a control-plane restart (Envoy's default backoff grows to 30 s).
+    grpc.retry_policy.retry_back_off.base_interval.CopyFrom(duration(0.25))
+    grpc.retry_policy.retry_back_off.max_interval.CopyFrom(duration(5))
+    boot.dynamic_resources.cds_config.CopyFrom(ads_source())
+    boot.dynamic_resources.lds_config.CopyFrom(ads_source())
+
+    # an IP is a STATIC cluster, a hostname (a compose service name ...) is resolved by Envoy
+    xds_cluster = cluster(ClusterIR(XDS_CLUSTER, ((host, port),), http2=True, connect_timeout=1.0,
+                                    tls=False, sni=None, origin=None), eds=False)
+    keepalive = xds_cluster.upstream_connection_options.tcp_keepalive  # notice a vanished control plane
+    keepalive.keepalive_time.value, keepalive.keepalive_interval.value, keepalive.keepalive_probes.value = 30, 5, 3
+    boot.static_resources.clusters.append(xds_cluster)
+
+    monitor = boot.overload_manager.resource_monitors.add(
+        name="envoy.resource_monitors.global_downstream_max_connections")
+    monitor.typed_config.CopyFrom(pack(downstream_connections_pb2.DownstreamConnectionsConfig(
+        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS)))
+    return boot
+
+
+def bootstrap_yaml(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port: int = 9901,
+                   delta: bool = True) -> str:
+    command = shlex.join(["authplane", "bootstrap", "--node-id", node_id, "--fleet", fleet, "--xds", xds,
+                          "--admin-port", str(admin_port), "--delta" if delta else "--sotw"])
+    header = (f"# Envoy bootstrap of node {node_id!r}, fleet {fleet!r}: configuration comes from authplane over "
+              f"{'Delta' if delta else 'SotW'} ADS.\n# Written by: {command}\n")
+    return header + dump(to_dict(bootstrap(node_id, fleet, xds, admin_port, delta)))

@@ -1,0 +1,73 @@
+"""Incremental ADS (``DeltaAggregatedResources``).
+
+Each stream remembers the version of every resource the client has (seeded from
+``initial_resource_versions`` when Envoy reconnects), so a response carries only the resources
+whose version changed and, in ``removed_resources``, those that are gone. A subscribed name the
+fleet lacks is answered once in ``removed_resources``: the protocol's "does not exist".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from authplane.controlplane.cache import WILDCARD_TYPES
+from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, error_message
+
+ABSENT = ""
+"""``known`` value of a subscribed name the client was told does not exist."""
+
+
+class DeltaStream(Stream):
+    protocol = "delta"
+
+    async def on_request(self, request: Any, ts: TypeState) -> None:
+        type_url = request.type_url
+        subscribe = list(request.resource_names_subscribe)
+        if not ts.started:
+            ts.started = True
+            ts.wildcard = type_url in WILDCARD_TYPES and not subscribe  # legacy wildcard
+            ts.known.update(request.initial_resource_versions)
+        for name in subscribe:
+            if name == "*":
+                ts.wildcard = True
+            else:
+                ts.subscribed.add(name)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                ts.wildcard = False
+                ts.known = {n: v for n, v in ts.known.items() if n in ts.subscribed}
+            else:
+                ts.subscribed.discard(name)
+                if not ts.wildcard:
+                    ts.known.pop(name, None)
+        if self.settle(type_url, ts, request.response_nonce, error_message(request)):
+            ts.waiting = True
+        await self.respond(type_url, ts)
+
+    async def respond(self, type_url: str, ts: TypeState) -> None:
+        assert self.prepared is not None
+        current = self.prepared.resources.get(type_url, {})
+        versions = self.prepared.versions(type_url)
+        wanted = current if ts.wildcard else sorted(ts.subscribed)
+        send = [name for name in wanted if name in current and ts.known.get(name) != versions[name]]
+        gone = (ts.known.keys() | ts.subscribed) - current.keys()
+        removed = sorted(name for name in gone if ts.known.get(name) != ABSENT)
+        if ts.responded and not send and not removed:
+            self.unchanged(ts)
+            return
+        if not ts.waiting:
+            return
+        nonce = self.next_nonce()
+        response = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=self.prepared.version, type_url=type_url, nonce=nonce,
+            control_plane=CONTROL_PLANE, resources=[current[name] for name in send], removed_resources=removed)
+        for name in send:
+            ts.known[name] = versions[name]
+        for name in removed:
+            if name in ts.subscribed:
+                ts.known[name] = ABSENT
+            else:
+                del ts.known[name]
+        await self.send(type_url, ts, response, Sent(nonce, self.prepared, tuple(send), tuple(removed)))

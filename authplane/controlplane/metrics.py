@@ -1,0 +1,57 @@
+"""Prometheus metrics of the control plane, in a registry of its own (served on ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from authplane.compiler.render import SECTION
+from authplane.errors import Problem
+
+MAX_PROBLEM_SERIES = 20
+
+
+def type_label(type_url: str) -> str:
+    """``clusters``, ``endpoints``, ``listeners``, ``routes``; other types by message name."""
+    return SECTION.get(type_url) or type_url.rpartition("/")[2] or "none"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.streams = Gauge("authplane_xds_streams", "Connected ADS streams", ["protocol"], registry=r)
+        self.requests = Counter("authplane_xds_requests", "Discovery requests received (ACKs and NACKs included)",
+                                ["type"], registry=r)
+        self.pushes = Counter("authplane_xds_pushes", "Discovery responses sent", ["type"], registry=r)
+        self.acks = Counter("authplane_xds_acks", "Responses Envoy accepted", ["type"], registry=r)
+        self.nacks = Counter("authplane_xds_nacks", "Responses Envoy rejected", ["type"], registry=r)
+        self.reloads = Counter("authplane_reloads", "Policy reloads by result (applied, unchanged, error)",
+                               ["result"], registry=r)
+        self.compile_seconds = Histogram(
+            "authplane_compile_duration_seconds", "Loading and compiling the policy directory",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.snapshot = Gauge("authplane_snapshot_info", "The snapshot each fleet is served (value 1)",
+                              ["fleet", "version", "git"], registry=r)
+        self.reload_ok = Gauge("authplane_last_reload_success",
+                               "1 when the last reload was applied, 0 when it was rejected", registry=r)
+        self.reload_problem = Gauge(
+            "authplane_reload_problem", "Problems of the rejected reload, by policy file position (value 1; "
+            "cleared by the next good reload)", ["path", "line", "col"], registry=r)
+        for result in ("applied", "unchanged", "error"):
+            self.reloads.labels(result)
+
+    def fleets(self, versions: dict[str, str], git: str | None) -> None:
+        self.snapshot.clear()
+        for fleet, version in versions.items():
+            self.snapshot.labels(fleet, version, git or "").set(1)
+
+    def reload_failed(self, problems: list[Problem]) -> None:
+        self.reloads.labels("error").inc()
+        self.reload_ok.set(0)
+        self.reload_problem.clear()
+        for p in problems[:MAX_PROBLEM_SERIES]:
+            self.reload_problem.labels(p.path, str(p.line), str(p.col)).set(1)
+
+    def reload_applied(self, changed: bool) -> None:
+        self.reloads.labels("applied" if changed else "unchanged").inc()
+        self.reload_ok.set(1)
+        self.reload_problem.clear()

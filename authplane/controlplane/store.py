@@ -1,0 +1,177 @@
+"""The policy store: the last good revision of the policy directory, shared by every component.
+
+A reload loads and compiles the whole directory off the event loop; any problem rejects the whole
+change and the last good revision keeps serving. Hooks (for instance the decision service)
+see a revision before Envoys are sent its snapshots, and can reject it by raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from authplane.compiler.ir import CompileOptions
+from authplane.compiler.snapshot import Snapshot, compile_policies
+from authplane.controlplane.metrics import Metrics
+from authplane.errors import CompileError, PolicyError, Problem
+from authplane.policy.loader import Policies, load_dir
+
+log = logging.getLogger("authplane.reload")
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One successful load of the policy directory."""
+
+    snapshots: dict[str, Snapshot]
+    policies: Policies | None = None
+    files: tuple[str, ...] = ()
+    """Files read besides the policy files (JWKS, API keys): watched too."""
+    loaded_at: float = field(default_factory=time.time)
+    compile_seconds: float = 0.0
+
+    def versions(self) -> dict[str, str]:
+        return {fleet: snap.version for fleet, snap in self.snapshots.items()}
+
+
+@dataclass(frozen=True)
+class ReloadError:
+    """Why the last change was rejected: policy problems with positions, or one message."""
+
+    problems: tuple[Problem, ...]
+    message: str = ""
+    at: float = field(default_factory=time.time)
+
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.problems] or [self.message]
+
+
+def git_version(directory: str) -> str | None:
+    """The commit SHA of the work tree holding ``directory``, ``-dirty`` if the directory differs
+    from it (untracked files included); None without git or outside a work tree."""
+    where, spec = (directory, ".") if os.path.isdir(directory) else (os.path.dirname(directory) or ".",
+                                                                      os.path.basename(directory))
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # never write .git/index (we may be watching it)
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=5, env=env,
+                              stdin=subprocess.DEVNULL)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = git("status", "--porcelain", "--", spec)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def build(directory: str, options: CompileOptions) -> Revision:
+    """Load and compile; raises PolicyError or CompileError."""
+    start = time.perf_counter()
+    policies = load_dir(directory)
+    snapshots = compile_policies(policies, options)
+    return Revision(snapshots, policies, tuple(sorted(policies.files)),
+                    compile_seconds=time.perf_counter() - start)
+
+
+RevisionHook = Callable[[Revision], object]
+
+
+class PolicyStore:
+    def __init__(self, directory: str, options: CompileOptions, metrics: Metrics, publish: RevisionHook) -> None:
+        self.directory = directory
+        self.options = options
+        self.metrics = metrics
+        self.current = Revision({})
+        self.git: str | None = None
+        self.last_error: ReloadError | None = None
+        self.reloads = 0
+        self._publish = publish
+        self._hooks: list[RevisionHook] = []
+        self._lock: asyncio.Lock | None = None
+        self._git_checked = 0.0
+
+    def add_hook(self, hook: RevisionHook) -> None:
+        """``hook(revision)`` runs, in the order added, before Envoys get the revision's
+        snapshots; if it raises, the revision is rejected like an invalid policy change."""
+        self._hooks.append(hook)
+
+    def load(self) -> None:
+        """The start-up load: raises PolicyError/CompileError, there is no last good revision."""
+        self._apply(build(self.directory, self.options))
+        self._git_known(git_version(self.directory))
+        if self.git:
+            log.info("policy directory %s is at git %s", self.directory, self.git)
+
+    def start_empty(self, error: PolicyError | CompileError) -> None:
+        """Serve nothing until the directory becomes valid (``serve --allow-empty``)."""
+        self._failed(error)
+
+    async def reload(self) -> bool:
+        """Reload the directory; True if the new revision is now served (changed or not)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            try:
+                self._apply(await asyncio.to_thread(build, self.directory, self.options))
+            except (PolicyError, CompileError) as e:
+                self._failed(e)
+                return False
+            except Exception as e:  # a bug in a hook or the compiler: keep serving, say so
+                log.exception("reload failed")
+                self._failed(e)
+                return False
+            await self.refresh_git(force=True)  # after the push: not on the save → Envoy path
+            return True
+
+    async def refresh_git(self, force: bool = False) -> str | None:
+        """The SHA also changes on a commit, which touches no policy file: refreshed on reloads
+        and, at most once a second, when status is asked for."""
+        if force or time.monotonic() - self._git_checked > 1.0:
+            self._git_known(await asyncio.to_thread(git_version, self.directory))
+        return self.git
+
+    def _git_known(self, git: str | None) -> None:
+        self._git_checked = time.monotonic()
+        self.git = git
+        self.metrics.fleets(self.current.versions(), git)
+
+    def _apply(self, rev: Revision) -> None:
+        for hook in self._hooks:
+            hook(rev)
+        before = self.current.versions()
+        self._publish(rev)
+        self.current, self.last_error = rev, None
+        self.reloads += 1
+        after = rev.versions()
+        self.metrics.compile_seconds.observe(rev.compile_seconds)
+        self.metrics.reload_applied(after != before)
+        self.metrics.fleets(after, self.git)
+        if after == before and self.reloads > 1:
+            log.debug("policies reloaded: no change")
+            return
+        fleets = ", ".join(f"{f} {v}" + (" (new)" if f not in before else "" if before[f] == v else
+                                         f" (was {before[f]})") for f, v in after.items()) or "none"
+        gone = ", ".join(f for f in before if f not in after)
+        log.info("policies loaded in %.0f ms: fleets %s%s", rev.compile_seconds * 1000, fleets,
+                 f"; fleets removed: {gone}" if gone else "")
+
+    def _failed(self, error: Exception) -> None:
+        if isinstance(error, PolicyError):
+            failure = ReloadError(tuple(error.problems))
+        elif isinstance(error, CompileError):
+            failure = ReloadError((), f"cannot compile: {error}")
+        else:
+            failure = ReloadError((), f"internal error: {error!r}")
+        self.last_error = failure
+        self.metrics.reload_failed(list(failure.problems))
+        serving = ", ".join(f"{f} {v}" for f, v in self.current.versions().items()) or "nothing"
+        log.error("policy change rejected, still serving %s:\n  %s", serving, "\n  ".join(failure.lines()))

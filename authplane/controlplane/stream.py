@@ -1,0 +1,268 @@
+"""What SotW and Delta ADS streams share: per-type state, nonces, ACK/NACK, flow control.
+
+One coroutine per stream handles the requests Envoy sends (in order) and the "snapshot changed"
+signals of the cache (several count as one), so a stream's state is never touched concurrently.
+Flow control follows go-control-plane: a type gets a response only while a request of that type
+is waiting for one (the first request, or the ACK/NACK of the previous response); a change that
+arrives meanwhile is sent when the ACK comes. Unlike go-control-plane, content Envoy rejected is
+never sent again to that stream: only a snapshot whose content differs triggers a new response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from envoy.config.core.v3 import base_pb2
+
+from authplane.compiler.resources import TYPE_ORDER
+from authplane.controlplane.cache import Prepared, SnapshotCache
+from authplane.controlplane.callbacks import Callbacks
+
+log = logging.getLogger("authplane.xds")
+
+CONTROL_PLANE = base_pb2.ControlPlane(identifier="authplane")
+MAX_ERROR_DETAIL = 4096
+"""Envoy's error_detail is kept for status up to this many characters."""
+
+MAX_QUEUED = 16
+"""Requests read ahead of the stream's handling."""
+_stream_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sent:
+    """One response: what it carried, so an ACK or NACK can be traced back to policy sources."""
+
+    nonce: str
+    prepared: Prepared
+    names: tuple[str, ...]
+    removed: tuple[str, ...] = ()
+    key: tuple[tuple[str, str], ...] = ()
+    """SotW: (name, resource version) of everything sent, to tell whether content changed."""
+    at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        return self.prepared.version
+
+
+@dataclass(eq=False)
+class Rejection:
+    """Envoy's NACK of ``sent``; ``names`` are the resources it still runs an older version of."""
+
+    type_url: str
+    sent: Sent
+    error: str
+    names: set[str]
+    at: float = field(default_factory=time.time)
+
+    def sources(self) -> list[str]:
+        """The policy objects (``Kind 'name' (path:line:col)``) behind the rejected resources."""
+        origins = self.sent.prepared.snapshot.origins
+        found = (str(o) for name in sorted(self.names) for o in origins.get((self.type_url, name), ()))
+        return list(dict.fromkeys(found))
+
+
+@dataclass(eq=False)
+class TypeState:
+    """One resource type on one stream."""
+
+    responded: bool = False
+    waiting: bool = False
+    """A request of this type is waiting for a response (flow control)."""
+    inflight: dict[str, Sent] = field(default_factory=dict)
+    """Responses not yet ACKed or NACKed, oldest first."""
+    last: Sent | None = None
+    acked: str = ""
+    """The snapshot version whose content Envoy runs for this type."""
+    rejection: Rejection | None = None
+    # SotW: the names of the last request
+    names: frozenset[str] = frozenset()
+    # Delta: the subscription and what the client has (name → resource version, "" = does not exist)
+    started: bool = False
+    wildcard: bool = False
+    subscribed: set[str] = field(default_factory=set)
+    known: dict[str, str] = field(default_factory=dict)
+
+    def in_sync(self, version: str) -> bool:
+        return self.acked == version and not self.inflight and self.rejection is None
+
+
+class Stream:
+    """One ADS stream of one Envoy. Subclasses implement the protocol variant."""
+
+    protocol: ClassVar[str]
+
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, peer: str = "") -> None:
+        self.id = next(_stream_ids)
+        self.cache = cache
+        self.callbacks = callbacks
+        self.peer = peer
+        self.node_id = ""
+        self.fleet = ""
+        self.opened_at = time.time()
+        self.opened = False
+        self.prepared: Prepared | None = None
+        self.types: dict[str, TypeState] = {}
+        self._requests: asyncio.Queue[Any] = asyncio.Queue(MAX_QUEUED)
+        self._wake = asyncio.Event()
+        self._changed = False
+        self._closed = False
+        self._nonces = itertools.count(1)
+        self._write: Callable[[Any], Awaitable[Any]] | None = None
+
+    # -- driven by the cache and the server --------------------------------------------------
+
+    def snapshot_changed(self) -> None:
+        self._changed = True  # several changes before the stream wakes up count as one
+        self._wake.set()
+
+    def close(self) -> None:
+        """End the stream cleanly (server shutdown): the RPC finishes with status OK."""
+        self._closed = True
+        self._wake.set()
+
+    async def serve(self, requests: AsyncIterator[Any], write: Callable[[Any], Awaitable[Any]]) -> None:
+        self._write = write
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while not self._closed:
+                if not self._requests.empty():
+                    await self._handle(self._requests.get_nowait())
+                elif self._changed:
+                    self._changed = False
+                    if self.opened:
+                        await self._snapshot_changed()
+                else:
+                    self._wake.clear()
+                    await self._wake.wait()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if self.opened:
+                self.cache.cancel(self.fleet, self)
+                self.callbacks.stream_closed(self)
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        """Requests wait in a bounded queue: a client that sends without reading is slowed down,
+        never buffered without limit."""
+        try:
+            async for request in requests:
+                await self._requests.put(request)
+                self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the client went away mid-message; nothing to answer
+            log.debug("stream %d (%s): read ended: %s", self.id, self.node_id or self.peer, e)
+        finally:
+            self._closed = True
+            self._wake.set()
+
+    async def _handle(self, request: Any) -> None:
+        if not self.opened:
+            self._open(request.node)
+        type_url = request.type_url
+        self.callbacks.request(self, type_url)
+        if not type_url:
+            log.warning("node %s sent a request without type_url; ignored", self.node_id)
+            return
+        await self.on_request(request, self.types.setdefault(type_url, TypeState()))
+
+    def _open(self, node: Any) -> None:
+        self.node_id, self.fleet = node.id, node.cluster
+        self.prepared = self.cache.get(self.fleet)
+        self.cache.watch(self.fleet, self)
+        self.opened = True
+        if not self.cache.known(self.fleet):
+            known = ", ".join(self.cache.fleets()) or "none"
+            log.warning("node %r: unknown fleet %r (node.cluster; fleets: %s): serving an empty configuration",
+                        self.node_id, self.fleet, known)
+        self.callbacks.stream_opened(self)
+
+    async def _snapshot_changed(self) -> None:
+        self.prepared = self.cache.get(self.fleet)
+        for type_url in self.ordered_types():
+            await self.respond(type_url, self.types[type_url])
+
+    def ordered_types(self) -> list[str]:
+        """Clusters and endpoints before listeners and routes, then anything else requested."""
+        return ([t for t in TYPE_ORDER if t in self.types] +
+                sorted(t for t in self.types if t not in TYPE_ORDER))
+
+    # -- shared protocol steps ---------------------------------------------------------------
+
+    def settle(self, type_url: str, ts: TypeState, nonce: str, error: str) -> bool:
+        """Record the ACK or NACK a request carries; False if it answers an older response than
+        the latest one (stale: Envoy will answer the latest too, so it opens no new watch)."""
+        if not nonce:
+            return True
+        sent = ts.inflight.get(nonce)
+        if sent is not None:
+            for n in list(ts.inflight):  # Envoy answers in order: older ones are settled too
+                del ts.inflight[n]
+                if n == nonce:
+                    break
+            if error:
+                self._rejected(type_url, ts, sent, error)
+            else:
+                self._accepted(type_url, ts, sent)
+        return ts.last is None or nonce == ts.last.nonce
+
+    def _accepted(self, type_url: str, ts: TypeState, sent: Sent) -> None:
+        ts.acked = sent.version
+        if ts.rejection is not None:
+            ts.rejection.names -= self.fixes(sent, ts.rejection.names)
+            if not ts.rejection.names:
+                ts.rejection = None
+        self.callbacks.ack(self, type_url, sent)
+
+    def _rejected(self, type_url: str, ts: TypeState, sent: Sent, error: str) -> None:
+        error = error.strip()[:MAX_ERROR_DETAIL]
+        names = {n for n in (*sent.names, *sent.removed) if n in error} or set(sent.names) | set(sent.removed)
+        ts.rejection = Rejection(type_url, sent, error, names)
+        self.callbacks.nack(self, type_url, sent, error)
+
+    def fixes(self, sent: Sent, rejected: set[str]) -> set[str]:
+        """The rejected names an ACK of ``sent`` resolves (Delta: those it carried)."""
+        return set(sent.names) | set(sent.removed)
+
+    def unchanged(self, ts: TypeState) -> None:
+        """Nothing to send: if Envoy accepted what it has, it now runs the current version."""
+        if self.prepared is not None and not ts.inflight and ts.rejection is None and ts.responded:
+            ts.acked = self.prepared.version
+
+    async def send(self, type_url: str, ts: TypeState, response: Any, sent: Sent) -> None:
+        ts.waiting = False
+        ts.responded = True
+        ts.last = sent
+        ts.inflight[sent.nonce] = sent
+        assert self._write is not None
+        await self._write(response)
+        self.callbacks.response(self, type_url, sent)
+
+    def next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+    # -- protocol variants -------------------------------------------------------------------
+
+    async def on_request(self, request: Any, ts: TypeState) -> None:
+        raise NotImplementedError
+
+    async def respond(self, type_url: str, ts: TypeState) -> None:
+        """Send what changed for this type if Envoy is waiting for it."""
+        raise NotImplementedError
+
+
+def error_message(request: Any) -> str:
+    """A NACK's error_detail message ("" for an ACK or a first request)."""
+    if not request.HasField("error_detail"):
+        return ""
+    return request.error_detail.message or f"rejected (code {request.error_detail.code}, no message)"

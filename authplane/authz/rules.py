@@ -123,14 +123,16 @@ class Rule:
 
 @dataclass(frozen=True)
 class KeyTable:
-    """API keys by SHA-256 digest: a lookup costs one hash whatever the number of keys, and the
-    table holds no key in the clear (keys written ``sha256:<hex>`` are already hashed)."""
+    """API keys as SHA-256 digests, bucketed by their first 8 bytes: a lookup costs one hash and
+    one ``hmac.compare_digest`` of whole digests, whatever the number of keys; the bucket lookup
+    only reveals facts about the digest of a guess, never about a key. No key is held in the clear
+    (keys written ``sha256:<hex>`` are already hashed)."""
 
     header: str
     prefix: str
     client_header: str | None
     forward: bool
-    clients: dict[bytes, str] = field(repr=False)
+    buckets: dict[bytes, tuple[tuple[bytes, str], ...]] = field(repr=False)
 
     @classmethod
     def build(cls, spec: ApiKeys, text: str) -> KeyTable:
@@ -146,7 +148,10 @@ class KeyTable:
             else:
                 digest = hashlib.sha256(key.encode()).digest()
             clients[digest] = name
-        return cls(spec.header, spec.prefix, spec.client_header, spec.forward, clients)
+        buckets: dict[bytes, tuple[tuple[bytes, str], ...]] = {}
+        for digest, name in clients.items():
+            buckets[digest[:8]] = (*buckets.get(digest[:8], ()), (digest, name))
+        return cls(spec.header, spec.prefix, spec.client_header, spec.forward, buckets)
 
 
 @dataclass(frozen=True)

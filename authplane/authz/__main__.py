@@ -1,0 +1,81 @@
+"""Standalone decision service, for tests and benchmarks (``authplane serve`` embeds it):
+
+    python -m authplane.authz POLICY_DIR [--grpc H:P] [--http H:P] [--workers N]
+
+Prints ``listening grpc=H:P http=H:P`` once ready; SIGHUP reloads the policy directory;
+SIGINT/SIGTERM stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import signal
+import sys
+
+from authplane.authz.rules import compile_table
+from authplane.authz.service import AuthzService
+from authplane.authz.workers import start_workers
+from authplane.errors import PolicyError
+from authplane.policy.loader import load_dir, policy_files
+
+
+def _load(directory: str):  # -> RuleTable
+    h = hashlib.sha256()
+    for path in policy_files(directory):
+        with open(path, "rb") as f:
+            h.update(path.encode() + b"\0" + f.read())
+    return compile_table(load_dir(directory), h.hexdigest()[:16])
+
+
+async def run(args: argparse.Namespace) -> None:
+    table = _load(args.dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.workers > 1:
+        pool = start_workers(args.workers, args.grpc or None, args.http or None, table)
+        target, addrs = pool.update_table, (pool.grpc_addr, pool.http_addr)
+    else:
+        svc = AuthzService()
+        svc.update_table(table)
+        await svc.start(args.grpc or None, args.http or None)
+        target, addrs = svc.update_table, (svc.grpc_address, svc.http_address)
+
+    def reload() -> None:
+        try:
+            target(_load(args.dir))
+        except PolicyError as e:
+            logging.error("reload rejected, keeping the previous rules:\n%s", e)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    print(f"listening grpc={addrs[0]} http={addrs[1]}", flush=True)
+    await stop.wait()
+    if args.workers > 1:
+        pool.stop()
+    else:
+        await svc.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m authplane.authz", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir")
+    p.add_argument("--grpc", default="127.0.0.1:9001", help="gRPC address ('' turns it off)")
+    p.add_argument("--http", default="127.0.0.1:9002", help="HTTP address ('' turns it off)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the ports")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run(args))
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Decisions: one request, one compiled policy → allow (with headers) or deny (with a response).
+
+Protocol-neutral: the gRPC servicer, the Envoy HTTP-mode endpoint and the forward-auth endpoint
+each turn what they receive into a ``Request`` and a ``Decision`` into their own answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from authplane.authz.rules import IDENTITY_HEADERS, CompiledPolicy, KeyTable, Matcher, Rule
+
+BROWSER = "text/html"
+
+
+@dataclass(slots=True)
+class Request:
+    """What a decision may read. Header names are lowercase; ``claims`` are verified claims."""
+
+    method: str
+    path: str
+    """Path with the query string."""
+    headers: Mapping[str, str]
+    source: str = ""
+    host: str = ""
+    scheme: str = "http"
+    claims: dict[str, Any] | None = None
+    claims_raw: bytes = b""
+    """The verified payload as received (JSON or protobuf bytes): part of the cache key."""
+
+    @property
+    def bare_path(self) -> str:
+        return self.path.partition("?")[0]
+
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    rule: str
+    """The matching rule; ``""`` when none matched or the request could not be decided."""
+    status: int = 200
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Deny: the response headers; allow: headers added to the client's response."""
+    upstream: tuple[tuple[str, str], ...] = ()
+    """Allow: headers set on the upstream request."""
+    remove: tuple[str, ...] = ()
+    """Allow: headers removed from the upstream request."""
+    reason: str = ""
+    expires: float | None = None
+    """The JWT's ``exp``: an allow is never cached beyond it."""
+
+
+def deny(reason: str, status: int = 403) -> Decision:
+    """A denial the rules did not produce (unknown policy, malformed request): fail closed."""
+    return Decision(False, "", status, f"authplane: {reason}\n", (("content-type", "text/plain"),),
+                    reason=reason)
+
+
+def api_client(keys: KeyTable, headers: Mapping[str, str]) -> str | None:
+    """The client name of a valid key in the request, else None. Never logs or returns the key."""
+    value = headers.get(keys.header)
+    if not value or not value.startswith(keys.prefix):
+        return None
+    digest = hashlib.sha256(value[len(keys.prefix):].strip().encode()).digest()
+    found = None
+    for stored, name in keys.buckets.get(digest[:8], ()):
+        if hmac.compare_digest(digest, stored):
+            found = name
+    return found
+
+
+def _claim(claims: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = claims
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _claim_matches(value: Any, wanted: frozenset[str]) -> bool:
+    if isinstance(value, list):
+        return any(isinstance(v, str) and v in wanted for v in value)
+    if isinstance(value, bool):
+        return ("true" if value else "false") in wanted
+    return isinstance(value, str | int | float) and str(value) in wanted
+
+
+def _in_networks(source: str, m: Matcher) -> bool:
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return False
+    return any(ip in net for net in m.networks if net.version == ip.version)
+
+
+def matches(m: Matcher, req: Request, client: str | None) -> bool:
+    if m.methods and req.method not in m.methods:
+        return False
+    if m.paths or m.prefixes:
+        path = req.bare_path
+        if path not in m.paths and not path.startswith(m.prefixes):
+            return False
+    for name, values in m.headers:
+        if req.headers.get(name) not in values:
+            return False
+    if m.networks and not _in_networks(req.source, m):
+        return False
+    if m.api_clients is not None and (client is None or ("*" not in m.api_clients
+                                                          and client not in m.api_clients)):
+        return False
+    if m.authenticated is not None and m.authenticated != (req.claims is not None or client is not None):
+        return False
+    if m.claims:
+        if req.claims is None:
+            return False
+        for path_, values in m.claims:
+            if not _claim_matches(_claim(req.claims, path_), values):
+                return False
+    return True
+
+
+def identity(req: Request, client: str | None) -> tuple[str, str, str]:
+    """(user, email, groups) from the verified claims, else the API key's client name."""
+    c = req.claims or {}
+    user = c.get("sub") if isinstance(c.get("sub"), str) else (client or "")
+    email = c.get("email") if isinstance(c.get("email"), str) else ""
+    groups = c.get("groups")
+    if isinstance(groups, list):
+        groups = ",".join(g for g in groups if isinstance(g, str))
+    return user, email, groups if isinstance(groups, str) else ""
+
+
+def _allow(pol: CompiledPolicy, rule: Rule, req: Request, client: str | None) -> Decision:
+    upstream = dict(rule.upstream)
+    remove = list(rule.remove)
+    if pol.identity_headers:
+        for name, value in zip(IDENTITY_HEADERS, identity(req, client), strict=True):
+            if value:
+                upstream[name] = value
+            elif name in req.headers:
+                remove.append(name)  # never let a client-sent identity through
+    if pol.keys:
+        if pol.keys.client_header:
+            if client:
+                upstream[pol.keys.client_header] = client
+            elif pol.keys.client_header in req.headers:
+                remove.append(pol.keys.client_header)
+        if not pol.keys.forward and pol.keys.header in req.headers:
+            remove.append(pol.keys.header)
+    exp = (req.claims or {}).get("exp")
+    return Decision(True, rule.name, 200, "", rule.response, tuple(sorted(upstream.items())),
+                    tuple(dict.fromkeys(h for h in remove if h not in upstream)),
+                    reason=f"allowed by rule {rule.name!r}",
+                    expires=float(exp) if isinstance(exp, int | float) else None)
+
+
+def _deny(pol: CompiledPolicy, rule: Rule, req: Request) -> Decision:
+    headers = dict(rule.headers)
+    status, body = rule.status, rule.body
+    if rule.sign_in and BROWSER in req.headers.get("accept", ""):
+        sep = "&" if "?" in rule.sign_in else "?"
+        headers["location"] = f"{rule.sign_in}{sep}rd={quote(req.url(), safe='')}"
+        status, body = 302, ""
+    elif status == 401 and "www-authenticate" not in headers:
+        headers["www-authenticate"] = f'Bearer realm="{pol.name}"'
+    return Decision(False, rule.name, status, body, tuple(sorted(headers.items())),
+                    reason=f"denied by rule {rule.name!r}")
+
+
+def decide(pol: CompiledPolicy, req: Request) -> Decision:
+    """First matching rule wins; no match denies (403)."""
+    client = api_client(pol.keys, req.headers) if pol.keys else None
+    for rule in pol.rules:
+        if matches(rule.match, req, client):
+            return _allow(pol, rule, req, client) if rule.allow else _deny(pol, rule, req)
+    return deny(f"no rule of policy {pol.name!r} matched")

@@ -1,0 +1,172 @@
+"""The HTTP side of the decision service (aiohttp, low-level server, no router):
+
+* ``/envoy/<policy>/<original path>``: Envoy's ext_authz in HTTP mode. Envoy sends the original
+  method and path behind the per-route path prefix, the headers the rules read, and, from its own
+  state, the client address and the verified JWT payload (headers Envoy always overwrites).
+* ``/authz/<policy>`` (or ``/authz`` with ``X-Authplane-Policy``): forward auth for ingress-nginx
+  ``auth-url`` and Traefik ``forwardAuth``; the original request is described by
+  ``X-Original-URL``/``X-Original-Method`` (nginx) or ``X-Forwarded-*`` (Traefik).
+* ``/healthz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from collections.abc import Awaitable, Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from authplane.authz.decider import Decider
+from authplane.authz.engine import Decision, Request, deny
+from authplane.authz.rules import CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER, CompiledPolicy
+from authplane.authz.tokens import InvalidToken
+
+log = logging.getLogger("authplane.authz")
+ENVOY_PREFIX = "/envoy/"
+FORWARD_PREFIX = "/authz"
+POLICY_HEADER = "x-authplane-policy"
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+"""Envoy (HTTP mode) removes the headers listed here from the upstream request."""
+_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+                  "proxy-connection", "content-length"})
+
+
+def normalize_path(path: str) -> str:
+    """What Envoy does before routing (decode, merge slashes, resolve dot segments): proxies
+    without it pass the raw URI, and a path rule must not be dodged with ``/a/../admin``."""
+    bare, sep, query = path.partition("?")
+    clean = posixpath.normpath("/" + unquote(bare).lstrip("/"))
+    if bare.endswith("/") and clean != "/":
+        clean += "/"
+    return clean.replace("//", "/") + sep + query
+
+
+def _client_ip(headers: Mapping[str, str], peer: str) -> str:
+    real = headers.get("x-real-ip")
+    if real:
+        return real.strip()
+    xff = headers.get("x-forwarded-for")
+    return xff.rsplit(",", 1)[-1].strip() if xff else peer
+
+
+def _response(d: Decision, extra: dict[str, str] | None = None) -> web.Response:
+    if d.allow:
+        headers = CIMultiDict(d.upstream)
+        if d.remove:
+            headers[REMOVE_HEADER] = ",".join(d.remove)
+        headers.extend(d.headers)
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=d.status, headers=CIMultiDict(d.headers), text=d.body or None)
+
+
+class HttpFrontend:
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+        self._envoy_timer = decider.metrics.timer("http")
+        self._forward_timer = decider.metrics.timer("forward")
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw = request.raw_path
+        try:
+            if raw.startswith(ENVOY_PREFIX):
+                return self.envoy(request)
+            if raw == FORWARD_PREFIX or raw.startswith((FORWARD_PREFIX + "/", FORWARD_PREFIX + "?")):
+                return await self._timed_async(self._forward_timer, self.forward(request))
+            if raw == "/healthz":
+                return web.Response(text="ok\n")
+            if raw == "/metrics":
+                body = generate_latest(self.decider.metrics.registry)
+                return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+            return web.Response(status=404, text="authplane decision service: use /envoy/<policy>/"
+                                                 "<path> (Envoy) or /authz/<policy> (forward auth)\n")
+        except Exception:  # never crash on input; fail closed
+            log.exception("check failed")
+            return _response(deny("internal error in the decision service", 500))
+
+    @staticmethod
+    async def _timed_async(timer: Any, pending: Awaitable[web.Response]) -> web.Response:
+        start = time.perf_counter()
+        response = await pending
+        timer.observe(time.perf_counter() - start)
+        return response
+
+    def _fresh(self, pol: CompiledPolicy, req: Request, key: bytes) -> Decision:
+        """Decide a cache miss (``req.claims`` set) and remember the decision."""
+        decision = self.decider.decide(pol, req)
+        self.decider.remember(key, pol, decision, decision)
+        return decision
+
+    def envoy(self, request: web.BaseRequest) -> web.Response:
+        start = time.perf_counter()
+        name, _, rest = request.raw_path[len(ENVOY_PREFIX):].partition("/")
+        pol = self.decider.policy(name)
+        if isinstance(pol, Decision):
+            return _response(pol)
+        headers = request.headers
+        payload = headers.get(JWT_PAYLOAD_HEADER, "")
+        req = Request(method=request.method, path="/" + rest, headers=headers,
+                      source=headers.get(CLIENT_IP_HEADER, ""), host=request.host,
+                      scheme=headers.get("x-forwarded-proto", "http"), claims_raw=payload.encode())
+
+        key, hit = self.decider.lookup(pol, req, "http")
+        if hit is None:
+            try:
+                claims = json.loads(payload) if payload else None
+            except ValueError:
+                claims = None
+            req.claims = claims if isinstance(claims, dict) else None
+            hit = self._fresh(pol, req, key)
+        self.decider.count(pol.name, hit)
+        response = _response(hit)
+        self._envoy_timer.observe(time.perf_counter() - start)
+        return response
+
+    async def forward(self, request: web.BaseRequest) -> web.Response:
+        h = request.headers
+        name = request.path[len(FORWARD_PREFIX) + 1:] or h.get(POLICY_HEADER, "")
+        pol = self.decider.policy(name)
+        if isinstance(pol, Decision):
+            return _response(pol)
+        nginx = "x-original-url" in h
+        if nginx:
+            url = urlsplit(h["x-original-url"])
+            method = h.get("x-original-method", "GET")
+            scheme, host = url.scheme or "http", url.netloc
+            path = url.path + (f"?{url.query}" if url.query else "")
+        else:
+            method = h.get("x-forwarded-method", request.method)
+            scheme = h.get("x-forwarded-proto", "http")
+            host = h.get("x-forwarded-host", h.get("host", ""))
+            path = h.get("x-forwarded-uri", "/")
+        headers = {k.lower(): v for k, v in h.items() if k.lower() not in _HOP}
+        req = Request(method=method.upper(), path=normalize_path(path or "/"), headers=headers,
+                      source=_client_ip(h, request.remote or ""), host=host, scheme=scheme)
+        key, hit = self.decider.lookup(pol, req, "forward")
+        if hit is None:
+            verifier = self.decider.verifier(pol)
+            try:
+                req.claims = await verifier.verify(headers, urlsplit(req.path).query) if verifier else None
+            except InvalidToken as e:
+                challenge = f'Bearer realm="{pol.name}", error="invalid_token"'
+                hit = Decision(False, "", e.status, f"authplane: {e}\n",
+                               (("www-authenticate", challenge),), reason=str(e))
+            else:
+                hit = self._fresh(pol, req, key)
+        self.decider.count(pol.name, hit)
+        return self._forward_answer(hit, nginx)
+
+    @staticmethod
+    def _forward_answer(d: Decision, nginx: bool) -> web.Response:
+        if nginx and d.status == 302:
+            # nginx auth_request understands only 2xx, 401 and 403: the auth-signin annotation
+            # redirects browsers instead.
+            d = Decision(False, d.rule, 401, d.body,
+                         tuple((k, v) for k, v in d.headers if k != "location"), reason=d.reason)
+        return _response(d)

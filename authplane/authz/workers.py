@@ -1,0 +1,107 @@
+"""N decision processes sharing the gRPC and HTTP ports (SO_REUSEPORT: the kernel spreads
+connections), fed rule tables by the parent over a pipe; metrics aggregated with
+prometheus-client's multiprocess mode.
+
+    pool = start_workers(2, "127.0.0.1:9001", "127.0.0.1:9002")
+    pool.update(policies, version)   # compiled once here, sent to every worker
+    pool.registry                    # every worker's metrics, for /metrics
+    pool.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from contextlib import ExitStack, suppress
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from authplane.authz.rules import RuleTable, compile_table
+from authplane.policy.loader import Policies
+
+_LEN = struct.Struct("!I")
+
+
+def _reserve(address: str, stack: ExitStack) -> str:
+    """Resolve port 0 to a concrete port every worker can bind with SO_REUSEPORT. The reserving
+    socket never listens, so it never receives connections."""
+    from authplane.authz.service import split_address
+
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return f"[{host}]:{s.getsockname()[1]}" if family == socket.AF_INET6 else f"{host}:{s.getsockname()[1]}"
+
+
+class WorkerPool:
+    def __init__(self, procs: list[subprocess.Popen[bytes]], grpc_addr: str | None,
+                 http_addr: str | None, metrics_dir: str) -> None:
+        self.procs = procs
+        self.grpc_addr, self.http_addr = grpc_addr, http_addr
+        self.metrics_dir = metrics_dir
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=metrics_dir)
+        self._lock = threading.Lock()
+
+    def update(self, policies: Policies, version: str) -> None:
+        self.update_table(compile_table(policies, version))
+
+    def update_table(self, table: RuleTable) -> None:
+        data = pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            for p in self.procs:
+                assert p.stdin is not None
+                p.stdin.write(_LEN.pack(len(data)) + data)
+                p.stdin.flush()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for p in self.procs:
+            if p.stdin is not None and not p.stdin.closed:
+                with suppress(OSError):
+                    p.stdin.close()  # EOF: the worker stops its servers and exits
+        for p in self.procs:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def start_workers(n: int, grpc_addr: str | None = "127.0.0.1:9001",
+                  http_addr: str | None = "127.0.0.1:9002", table: RuleTable | None = None,
+                  timeout: float = 30.0) -> WorkerPool:
+    """Start ``n`` worker processes listening on the same ports; returns once all listen."""
+    metrics_dir = tempfile.mkdtemp(prefix="authplane-authz-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    procs: list[subprocess.Popen[bytes]] = []
+    with ExitStack() as stack:
+        grpc_addr = _reserve(grpc_addr, stack) if grpc_addr else None
+        http_addr = _reserve(http_addr, stack) if http_addr else None
+        args = [sys.executable, "-m", "authplane.authz.worker", grpc_addr or "", http_addr or ""]
+        pool = WorkerPool(procs, grpc_addr, http_addr, metrics_dir)
+        try:
+            for _ in range(n):
+                procs.append(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              env=env))
+            if table is not None:
+                pool.update_table(table)
+            for p in procs:
+                assert p.stdout is not None
+                line = p.stdout.readline()  # "ready" once listening
+                if not line.startswith(b"ready"):
+                    raise RuntimeError(f"decision worker exited with {p.wait(timeout)}")
+        except BaseException:
+            pool.stop()
+            raise
+    return pool

@@ -81,6 +81,101 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from authplane.controlplane.app import ControlPlane, ServeConfig
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file))
+    grpc_listen = None if args.no_authz else args.authz_grpc_listen or args.authz_grpc
+    http_listen = None if args.no_authz else args.authz_http_listen or args.authz_http
+    if grpc_listen or http_listen:
+        from authplane.authz.service import AuthzService
+
+        authz = AuthzService()
+        cp.add_component(_Listening(authz, grpc_listen, http_listen), registry=authz.registry,
+                         on_revision=_Listening.hook(authz))
+    cp.load(allow_empty=args.allow_empty)  # PolicyError: problems printed by main(), exit 1
+    try:
+        return asyncio.run(cp.serve_forever())
+    except OSError as e:
+        return _fail(f"authplane serve: {e}")
+
+
+class _Listening:
+    """The decision service as a control-plane component, on the addresses ``serve`` was given."""
+
+    def __init__(self, service, grpc_addr: str | None, http_addr: str | None) -> None:  # service: AuthzService
+        self.service, self.grpc_addr, self.http_addr = service, grpc_addr, http_addr
+
+    async def start(self) -> None:
+        await self.service.start(self.grpc_addr, self.http_addr)
+
+    async def stop(self) -> None:
+        await self.service.stop()
+
+    def addresses(self) -> dict[str, str]:
+        """For ``--address-file``."""
+        found = {"authz_grpc": self.service.grpc_address, "authz_http": self.service.http_address}
+        return {k: v for k, v in found.items() if v}
+
+    @staticmethod
+    def hook(service):  # -> RevisionHook
+        """Swap in each revision's builtin rules before Envoys see it; raising rejects the revision."""
+        import hashlib
+
+        def on_revision(rev) -> None:
+            if rev.policies is not None:
+                fleets = ",".join(f"{f}={v}" for f, v in sorted(rev.versions().items()))
+                service.update(rev.policies, hashlib.sha256(fleets.encode()).hexdigest()[:12])
+
+        return on_revision
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from authplane.controlplane.bootstrap import bootstrap_yaml
+
+    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, args.xds, args.admin_port, not args.sotw))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from authplane.controlplane.admin import fetch_status, format_status
+
+    try:
+        doc = fetch_status(args.admin)
+    except OSError as e:
+        return _fail(f"authplane status: {e}")
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else format_status(doc))
+    return 0
+
+
+def _address(value: str) -> str:
+    from authplane.controlplane import split_address
+
+    try:
+        split_address(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}: expected 0-65535")
+    return int(value)
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def _compile_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--authz-grpc", default="127.0.0.1:9001", metavar="HOST:PORT",
                    help="address Envoy uses for the builtin decision service over gRPC")
@@ -106,6 +201,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a static Envoy bootstrap (routes inlined) instead of xDS resources")
     _compile_flags(p)
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("serve", help="serve the policies to Envoy fleets over ADS, reloading on every save")
+    p.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    p.add_argument("--xds", default="127.0.0.1:18000", type=_address, metavar="HOST:PORT",
+                   help="ADS (gRPC) listen address")
+    p.add_argument("--admin", default="127.0.0.1:9100", type=_address, metavar="HOST:PORT",
+                   help="admin HTTP listen address (/status, /metrics, /healthz)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="start even if the directory is invalid, serving nothing until it is fixed")
+    p.add_argument("--address-file", metavar="PATH",
+                   help="write the bound addresses as JSON once listening (useful with port 0)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    _compile_flags(p)
+    p.add_argument("--authz-grpc-listen", type=_address, metavar="HOST:PORT",
+                   help="where the decision service listens for gRPC ext_authz (default: --authz-grpc)")
+    p.add_argument("--authz-http-listen", type=_address, metavar="HOST:PORT",
+                   help="where it listens for HTTP ext_authz and forward-auth (default: --authz-http)")
+    p.add_argument("--no-authz", action="store_true", help="do not run the decision service in this process")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bootstrap", help="print the Envoy bootstrap of one fleet member")
+    p.add_argument("--node-id", required=True, type=_nonempty, metavar="ID", help="node.id: names this Envoy in status")
+    p.add_argument("--fleet", required=True, type=_nonempty, metavar="F", help="node.cluster: selects its gateways")
+    p.add_argument("--xds", default="127.0.0.1:18000", type=_address, metavar="HOST:PORT",
+                   help="where authplane serve listens")
+    p.add_argument("--admin-port", type=_port, default=9901, metavar="N",
+                   help="Envoy admin port on 127.0.0.1 (0: OS-chosen)")
+    protocol = p.add_mutually_exclusive_group()
+    protocol.add_argument("--delta", action="store_true", help="incremental ADS (the default)")
+    protocol.add_argument("--sotw", action="store_true", help="state-of-the-world ADS")
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser("status", help="which Envoy runs which version, and what it rejected")
+    p.add_argument("--admin", default="127.0.0.1:9100", type=_address, metavar="HOST:PORT",
+                   help="authplane serve admin address")
+    p.add_argument("--json", action="store_true", help="print the /status document")
+    p.set_defaults(func=cmd_status)
+
+    from authplane import demo
+
+    demo.add_parser(sub)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the policy files")
     p.set_defaults(func=cmd_schema)

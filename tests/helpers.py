@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
+from authplane.compiler.ir import CompileOptions
 from authplane.compiler.render import dump, static_bootstrap, to_dict
 from authplane.compiler.snapshot import compile_policies
 from authplane.envoy_bin import EnvoyProcess
@@ -55,9 +56,11 @@ def request(port: int, path: str, method: str = "GET", headers: dict[str, str] |
             conn.close()
 
 
-def start_static_envoy(policy_dir: str, fleet: str, tmp: str) -> EnvoyProcess:
-    """Compile, turn the fleet's snapshot into a static bootstrap on OS-chosen ports, start Envoy."""
-    snap = compile_policies(load_dir(policy_dir))[fleet]
+def start_static_envoy(policy_dir: str, fleet: str, tmp: str,
+                       opts: CompileOptions | None = None) -> EnvoyProcess:
+    """Compile, turn the fleet's snapshot into a static bootstrap on OS-chosen ports, start Envoy.
+    ``opts`` points the builtin decision service clusters at a test server's ports."""
+    snap = compile_policies(load_dir(policy_dir), opts)[fleet]
     boot = static_bootstrap(snap)
     boot.admin.address.socket_address.address = "127.0.0.1"
     boot.admin.address.socket_address.port_value = 0

@@ -129,11 +129,56 @@ CASES = {
     "duplicate YAML key": (
         {"r.yaml": route("  gateway: edge\n  gateway: edge\n  rules: []\n")},
         ["r.yaml:6:3: spec.gateway: duplicate key 'gateway'"]),
+    "htpasswd file: bad lines": (
+        {"r.yaml": route(RULE), "p.yaml": policy(TARGET + "  basicAuth: {file: users.htpasswd}\n"),
+         "users.htpasswd": "# users\nalice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\nbob:$apr1$x$y\n"
+                           "  carol:{SHA}short\nnocolon\nalice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n"},
+        ["users.htpasswd:3:5: user 'bob': unsupported password hash; Envoy's basic_auth accepts only "
+         "{SHA} entries (htpasswd -s)",
+         "users.htpasswd:4:9: user 'carol': {SHA} needs the base64 of a 20-byte SHA-1 digest (28 characters)",
+         "users.htpasswd:5:1: expected 'user:{SHA}<hash>' (htpasswd -s)",
+         "users.htpasswd:6:1: user 'alice' listed twice"]),
+    "htpasswd file missing": (
+        {"r.yaml": route(RULE), "p.yaml": policy(TARGET + "  basicAuth: {file: nope.htpasswd}\n")},
+        ["p.yaml:6:21: spec.basicAuth.file: cannot read 'nope.htpasswd': No such file or directory"]),
+    "API key file: bad lines and unknown client": (
+        {"r.yaml": route(RULE),
+         "p.yaml": policy(TARGET + "  apiKey: {file: api.keys, clients: [ci, cli]}\n"),
+         "api.keys": "ci: k1\nci: k2\nbad line\nother: k1\nhashed: sha256:abcd\n"},
+        ["api.keys:3:1: expected 'client-name: key'",
+         "api.keys:4:1: client 'other' reuses the key of client 'ci'",
+         "api.keys:5:1: client 'hashed': hashed keys are only supported by extAuth.apiKeys; Envoy's "
+         "api_key_auth compares keys as written",
+         "p.yaml:6:42: spec.apiKey.clients[1]: no client 'cli' in the key file 'api.keys'"]),
+    "API key with two sources": (
+        {"r.yaml": route(RULE),
+         "p.yaml": policy(TARGET + "  apiKey: {file: api.keys, header: x-key, query: key}\n")},
+        ["p.yaml:6:11: spec.apiKey: set only one of header, query, cookie"]),
+    "oidc: partial endpoints": (
+        {"r.yaml": route(RULE), "p.yaml": policy(
+            TARGET + "  oidc:\n    issuer: https://idp.example.com\n    tokenEndpoint: https://idp.example.com/t\n"
+                     "    clientId: app\n    clientSecret: {env: AUTHPLANE_TEST_UNSET_SECRET}\n")},
+        ["p.yaml:7:5: spec.oidc: set all of authorizationEndpoint, tokenEndpoint, jwksUri, or none (discovery)"]),
+    "oidc: unset secret variable, secret file missing, with jwt": (
+        {"r.yaml": route(RULE), "p.yaml": policy(
+            TARGET + "  oidc:\n    issuer: https://idp.example.com\n"
+                     "    authorizationEndpoint: https://idp.example.com/a\n    tokenEndpoint: https://idp.example.com/t\n"
+                     "    jwksUri: https://idp.example.com/k\n    clientId: app\n"
+                     "    clientSecret: {env: AUTHPLANE_TEST_UNSET_SECRET}\n    hmacSecret: {file: nope.txt}\n"
+                     "  jwt: {providers: [{name: a, jwks: {uri: https://idp.example.com/k}}]}\n")},
+        ["p.yaml:7:5: spec.oidc: oidc checks the ID token itself; put bearer-token (jwt) checks in another policy",
+         "p.yaml:12:19: spec.oidc.clientSecret: environment variable AUTHPLANE_TEST_UNSET_SECRET is not set or empty",
+         "p.yaml:13:17: spec.oidc.hmacSecret: cannot read 'nope.txt': No such file or directory"]),
+    "oidc: provider unreachable for discovery": (
+        {"r.yaml": route(RULE), "p.yaml": policy(
+            TARGET + "  oidc: {issuer: 'http://127.0.0.1:1', clientId: app, clientSecret: {file: s.txt}}\n"),
+         "s.txt": "secret\n"},
+        ["p.yaml:6:18: spec.oidc.issuer: cannot fetch the discovery document "
+         "http://127.0.0.1:1/.well-known/openid-configuration: [Errno 111] Connection refused"]),
     "public with checks": (
         {"r.yaml": route(RULE), "p.yaml": policy(
             TARGET + "  public: true\n  authorization: {default: deny}\n")},
-        ["p.yaml:6:11: spec.public: public: true turns every check off; remove jwt, authorization "
-         "and extAuth"]),
+        ["p.yaml:6:11: spec.public: public: true turns every check off; remove authorization"]),
 }
 
 

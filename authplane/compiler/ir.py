@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from authplane.policy.model import Authorization, ExtAuth, Jwt, RouteMatch
+from authplane.policy.model import ApiKey, Authorization, BasicAuth, ExtAuth, Jwt, Oidc, RouteMatch
+from authplane.policy.oidc import Endpoints
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,31 @@ class ExtAuthIR:
 
 
 @dataclass(frozen=True)
+class BasicAuthIR:
+    policy: str
+    spec: BasicAuth
+    htpasswd: str
+    """The users as Envoy reads them: ``user:{SHA}<hash>`` lines, comments dropped."""
+
+
+@dataclass(frozen=True)
+class ApiKeyIR:
+    policy: str
+    spec: ApiKey
+    credentials: tuple[tuple[str, str], ...]
+    """(key, client name) pairs of the key file."""
+
+
+@dataclass(frozen=True)
+class OidcIR:
+    policy: str
+    spec: Oidc
+    endpoints: Endpoints
+    client_secret: bytes = field(repr=False)
+    hmac_secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Checks:
     """The checks of one AuthPolicy, at one level (gateway or route)."""
 
@@ -52,6 +78,10 @@ class Checks:
     jwt: JwtIR | None = None
     authorization: Authorization | None = None
     ext_auth: ExtAuthIR | None = None
+    basic_auth: BasicAuthIR | None = None
+    api_key: ApiKeyIR | None = None
+    oidc: OidcIR | None = None
+    """With ``oidc``, ``jwt`` holds the check of the ID token cookie that the oauth2 filter sets."""
 
 
 @dataclass(frozen=True)

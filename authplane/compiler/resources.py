@@ -17,7 +17,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from authplane.compiler.filters import ORDER, router
+from authplane.compiler.filters import ORDER, oauth2, router
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
 from authplane.compiler.pb import ads_source, duration, pack, socket_address
 
@@ -25,8 +25,11 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-"""The order Envoy needs: clusters and their endpoints before the listeners and routes using them."""
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+"""The order Envoy needs: clusters and their endpoints before the listeners and routes using them.
+Secrets (SDS, requested by name like routes and endpoints) are read by listeners' filters, which
+wait for them while the listener warms."""
 
 
 def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
@@ -168,6 +171,8 @@ def fleet_resources(fleet: FleetIR) -> Resources:
         for module in ORDER:
             for c in module.clusters(lst):
                 clusters.setdefault(c.name, c)
+        for secret in oauth2.secrets(lst):
+            res.add(SECRET, secret.name, secret, *origins)
     for name in sorted(clusters):
         c = clusters[name]
         res.add(CLUSTER, name, cluster(c), c.origin)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from authplane.compiler.filters.oauth2 import cookie_name
 from authplane.compiler.ir import (
+    ApiKeyIR,
+    BasicAuthIR,
     Checks,
     ClusterIR,
     CompileOptions,
@@ -12,12 +15,15 @@ from authplane.compiler.ir import (
     FleetIR,
     JwtIR,
     ListenerIR,
+    OidcIR,
     Origin,
     RouteIR,
     VirtualHostIR,
 )
+from authplane.errors import CompileError
+from authplane.policy.credentials import parse_htpasswd, parse_key_file, policy_file_path
 from authplane.policy.loader import Item, Policies
-from authplane.policy.model import AuthPolicy, RouteMatch
+from authplane.policy.model import AuthPolicy, Jwks, Jwt, JwtProvider, Oidc, RouteMatch, TokenSource
 from authplane.policy.validate import read_jwks_file
 
 BUILTIN_GRPC = "authplane_authz_grpc"
@@ -59,7 +65,62 @@ def _checks(p: Policies, pol: Item[AuthPolicy], level: str, fleet: FleetIR,
         ref = spec.target_ref
         target = f"{ref.kind}/{ref.name}" + (f"/{ref.rule}" if ref.rule else "")
         ext = ExtAuthIR(pol.name, level, target, ea, cluster)
-    return Checks(pol.name, level, origin(pol), jwt, spec.authorization, ext)
+    oidc = None
+    if spec.oidc:
+        found = p.oidc[pol.name]
+        oidc = OidcIR(pol.name, spec.oidc, found.endpoints, found.client_secret, found.hmac_secret)
+        jwt = JwtIR(pol.name, id_token_check(spec.oidc, found.endpoints.jwks), {})
+    basic = api_key = None
+    if spec.basic_auth:
+        users, _ = parse_htpasswd(*_policy_file(p, pol, spec.basic_auth.file))
+        basic = BasicAuthIR(pol.name, spec.basic_auth, "".join(f"{u.name}:{u.secret}\n" for u in users))
+    if spec.api_key:
+        keys, _ = parse_key_file(*_policy_file(p, pol, spec.api_key.file))
+        api_key = ApiKeyIR(pol.name, spec.api_key, tuple((k.secret, k.name) for k in keys))
+    return Checks(pol.name, level, origin(pol), jwt, spec.authorization, ext, basic, api_key, oidc)
+
+
+def id_token_check(spec: Oidc, jwks_uri: str) -> Jwt:
+    """The JWT check of the ID token cookie the oauth2 filter keeps (HMAC-protected with it): so
+    authorization rules see its claims and its claims reach the upstream as headers. With
+    pass-through paths the check lets requests without the cookie through (the oauth2 filter
+    already sent every other one to sign in)."""
+    return Jwt(required=not spec.pass_through_paths, providers=[JwtProvider(
+        name="oidc", issuer=spec.issuer, audiences=[spec.client_id], jwks=Jwks(uri=jwks_uri),
+        from_=[TokenSource(cookie=cookie_name(spec, "id_token"))], forward=True,
+        claims_to_headers=spec.claims_to_headers)])
+
+
+def _oidc_routes(gateway: Checks | None, members: list[RouteIR]) -> list[RouteIR]:
+    """Routes for the callback and logout paths on a host, so the oauth2 filter that must answer
+    them is enabled there whatever the user's routes match."""
+    policies = [(c, None) for c in [gateway] if c is not None and c.oidc is not None and members]
+    policies += [(r.checks, r) for r in members if r.checks is not None and r.checks.oidc is not None]
+    out: dict[str, RouteIR] = {}
+    for checks, route in policies:
+        assert checks.oidc is not None
+        spec = checks.oidc.spec
+        for what, path in (("callback", spec.redirect_path), ("logout", spec.logout_path)):
+            owner = out.get(path)
+            if owner is not None and (owner.checks.policy if owner.checks else None) != (
+                    route.checks.policy if route and route.checks else None):
+                raise CompileError(f"{path} is the oidc {what} path of two policies on the same host "
+                                   f"({checks.origin} and {owner.origin}); give one another path")
+            match = RouteMatch(path=path)
+            out.setdefault(path, RouteIR(
+                name=f"oidc/{checks.policy}/{what}", match=match, cluster=(route or members[0]).cluster,
+                timeout=None, checks=route.checks if route else None, public=False, origin=checks.origin,
+                specificity=specificity(match)))
+    return list(out.values())
+
+
+def _policy_file(p: Policies, pol: Item[AuthPolicy], rel: str) -> tuple[str, str]:
+    """(path, content) of a file a policy names, as validation read it."""
+    path = policy_file_path(pol, rel)
+    if path not in p.files:
+        with open(path, encoding="utf-8") as f:
+            p.files[path] = f.read()
+    return path, p.files[path]
 
 
 def _backend_cluster(p: Policies, name: str, fleet: FleetIR) -> str:
@@ -125,6 +186,7 @@ def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]
             vhosts = []
             for domain in domains:
                 members = [r for hosts, r in routes if any(_domain_covers(h, domain) for h in hosts)]
+                members += _oidc_routes(gw_checks, members)
                 members.sort(key=lambda r: (r.specificity, r.name))
                 vhosts.append(VirtualHostIR(domain, (domain,), tuple(members)))
             fleet.listeners.append(ListenerIR(

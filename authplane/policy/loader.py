@@ -15,6 +15,7 @@ import pydantic
 from authplane import API_VERSION
 from authplane.errors import PolicyError, Problem
 from authplane.policy.model import KINDS, AuthPolicy, Backend, Gateway, Route
+from authplane.policy.oidc import ResolvedOidc
 from authplane.policy.yamlpos import Document, Path, YamlProblem, load_documents
 
 T = TypeVar("T", Gateway, Backend, Route, AuthPolicy)
@@ -63,6 +64,8 @@ class Policies:
     policies: dict[str, Item[AuthPolicy]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     """Other files the policies read (JWKS files ...): path → content, part of the version."""
+    oidc: dict[str, ResolvedOidc] = field(default_factory=dict, repr=False)
+    """AuthPolicy name → its ``oidc`` section's endpoints and secrets, resolved at load time."""
     warnings: list[Problem] = field(default_factory=list)
     broken: set[tuple[str, str]] = field(default_factory=set)
     """(kind, name) of documents that failed to load: references to them are not reported again."""

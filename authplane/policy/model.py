@@ -255,6 +255,156 @@ class Authorization(Model):
     """Allow and deny rules."""
 
 
+class BasicAuth(Model):
+    """HTTP Basic authentication against an htpasswd file (Envoy's native ``basic_auth`` filter)."""
+
+    file: str
+    """htpasswd file, relative to the policy file: one ``user:{SHA}<base64 SHA-1>`` per line (``#``
+    comments), as written by ``htpasswd -s``; Envoy supports no other hash. Its content travels in
+    the route configuration, so a change applies to open connections. Do not name it ``*.yaml``."""
+    user_header: HeaderName | None = None
+    """Send the authenticated user name upstream in this header (any copy sent by the client is
+    replaced)."""
+    forward: bool = False
+    """Keep the ``Authorization`` header in the request sent upstream (default: removed)."""
+
+
+class ApiKey(Model):
+    """API keys checked by Envoy's native ``api_key_auth`` filter. Missing or unknown key: 401;
+    a key of a client not in ``clients``: 403."""
+
+    file: str
+    """Key file, relative to the policy file: one ``client-name: key`` per line (``#`` comments); a
+    client may have several keys (rotation). Keys are compared as written (no hashed keys). Do not
+    name it ``*.yaml``."""
+    header: HeaderName | None = None
+    """Read the key from this header (the default, ``x-api-key``, when no source is set); a
+    ``Bearer `` prefix is stripped."""
+    query: str | None = None
+    """Read the key from this query parameter."""
+    cookie: str | None = None
+    """Read the key from this cookie."""
+    clients: list[Name] = []
+    """Accept only the keys of these clients (default: every client in the file)."""
+    client_header: HeaderName | None = None
+    """Send the client name of the key upstream in this header (any copy sent by the client is
+    replaced); authorization rules can match it (``when.headers``)."""
+    forward: bool = False
+    """Keep the key in the request sent upstream (default: removed from its header, query
+    parameter or cookie)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        _one_of(self, "header", "query", "cookie", required=False)
+        return self
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """(kind, name) of where the key is read: ``("header", "x-api-key")`` by default."""
+        for kind in ("header", "query", "cookie"):
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, value
+        return "header", "x-api-key"
+
+
+_URL = r"^https?://[^/\s]+(/\S*)?$"
+Url = Annotated[str, Field(pattern=_URL)]
+
+
+class SecretRef(Model):
+    """Where a secret is read; it reaches Envoy over SDS and ``authplane render`` never shows it."""
+
+    file: str | None = None
+    """File holding the secret (surrounding whitespace is ignored), relative to the policy file."""
+    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    """Environment variable of the authplane process holding the secret."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        _one_of(self, "file", "env")
+        return self
+
+
+class OidcCookie(Model):
+    domain: Annotated[str, Field(pattern=r"^\.?[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$")] | None = None
+    """Parent domain of the session cookies (``.example.com``): one login serves every host under
+    it that uses the same client (default: the request's host only)."""
+    same_site: Literal["lax", "strict", "none", "disabled"] = "lax"
+    """``SameSite`` attribute of the session cookies (``disabled``: not set). Envoy always marks
+    them ``Secure`` and ``HttpOnly``: browsers keep them only over HTTPS (or on localhost)."""
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "authplane"
+    """Prefix of the cookie names (``<prefix>_id``, ``<prefix>_hmac`` ...). Policies that share a
+    login (same client, same domain) must use the same prefix; others need different ones."""
+
+
+class Oidc(Model):
+    """Browser sign-in with OpenID Connect (authorization code flow with PKCE), compiled to
+    Envoy's ``oauth2`` filter plus a JWT check of the resulting ID token, so ``authorization``
+    rules can use its claims (``groups`` ...)."""
+
+    issuer: Url
+    """The provider's issuer URL (the ``iss`` of its ID tokens)."""
+    authorization_endpoint: Url | None = None
+    """Where browsers are sent to sign in. Unset (with ``tokenEndpoint`` and ``jwksUri``): read
+    from the provider's discovery document (``<issuer>/.well-known/openid-configuration``), which
+    authplane fetches when it loads the policies (5s timeout, cached for 10 minutes; the last good
+    copy is kept if the provider cannot be reached)."""
+    token_endpoint: Url | None = None
+    """Where Envoy exchanges the authorization code for tokens."""
+    jwks_uri: Url | None = None
+    """The provider's signing keys (verify the ID token)."""
+    end_session_endpoint: Url | None = None
+    """The provider's logout endpoint (default: from discovery, if it has one): ``logoutPath``
+    also ends the provider's session there."""
+    client_id: Annotated[str, Field(min_length=1)]
+    """OAuth client ID registered at the provider (the ID token's audience)."""
+    client_secret: SecretRef
+    """OAuth client secret: ``{file: client-secret.txt}`` or ``{env: NAME}``."""
+    hmac_secret: SecretRef | None = None
+    """Key signing the session cookies (32+ bytes). Default: derived from the client secret,
+    issuer and client ID (HMAC-SHA256), so every Envoy of every fleet and every restart of
+    authplane uses the same key, and rotating the client secret ends every session."""
+    redirect_path: PathPattern = "/oauth2/callback"
+    """Callback path the provider redirects to (register ``<scheme>://<host><redirectPath>`` at the
+    provider for every host); authplane adds a route for it on every host the policy covers."""
+    logout_path: PathPattern = "/oauth2/sign_out"
+    """Visiting this path clears the session cookies (and ends the provider's session when it has
+    an end-session endpoint); authplane adds a route for it on every host the policy covers."""
+    scopes: list[Annotated[str, Field(pattern=r"^[!#-\[\]-~]+$")]] = ["openid", "email", "profile"]
+    """Scopes requested (``openid`` is always added). Add ``groups`` if your provider needs it
+    for a ``groups`` claim."""
+    cookie: OidcCookie = OidcCookie()
+    """Session cookies."""
+    pass_through_paths: list[PathPattern] = []
+    """Paths (exact, or prefixes written ``/prefix/*``) served without a session; their requests
+    carry no claims, so authorization rules on claims deny them."""
+    forward_access_token: bool = False
+    """Send the access token upstream as ``Authorization: Bearer <token>``."""
+    id_token_header: HeaderName | None = None
+    """Send the verified ID token upstream in this header (any client copy is removed). The
+    session cookies themselves never reach the upstream."""
+    claims_to_headers: dict[str, HeaderName] = {
+        "sub": "x-auth-request-user", "email": "x-auth-request-email", "groups": "x-auth-request-groups"}
+    """ID token claims copied into upstream request headers (client copies are always removed).
+    Envoy sends an array claim (``groups``) as the base64 of its JSON: ``["admins","dev"]`` arrives
+    as ``WyJhZG1pbnMiLCJkZXYiXQ==``."""
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> Oidc:
+        given = [self.authorization_endpoint, self.token_endpoint, self.jwks_uri]
+        if any(given) and not all(given):
+            raise ValueError("set all of authorizationEndpoint, tokenEndpoint, jwksUri, or none "
+                             "(discovery)")
+        if self.redirect_path == self.logout_path:
+            raise ValueError("redirectPath and logoutPath must differ")
+        return self
+
+    @property
+    def discovery(self) -> bool:
+        return self.authorization_endpoint is None
+
+
 class ApiKeys(Model):
     """API keys checked by the builtin decision service."""
 
@@ -372,6 +522,12 @@ class AuthPolicySpec(Model):
     """JWT verification."""
     authorization: Authorization | None = None
     """Native authorization rules (Envoy RBAC)."""
+    basic_auth: BasicAuth | None = None
+    """HTTP Basic authentication (htpasswd file)."""
+    api_key: ApiKey | None = None
+    """API key authentication (key file)."""
+    oidc: Oidc | None = None
+    """Browser sign-in (OpenID Connect); a session is required unless a path passes through."""
     ext_auth: ExtAuth | None = None
     """External authorization (authplane's decision service or your own)."""
 

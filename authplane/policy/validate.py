@@ -6,11 +6,20 @@ import difflib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
+from pydantic.alias_generators import to_camel, to_snake
+
 from authplane.errors import Problem
+from authplane.policy.credentials import Entry, parse_htpasswd, parse_key_file, policy_file_path
 from authplane.policy.loader import Item, Policies
-from authplane.policy.model import AuthPolicy, Jwks
+from authplane.policy.model import AuthPolicy, ExtAuthRule, Jwks, TargetRef
+from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
+from authplane.policy.oidc import endpoints as oidc_endpoints
+
+CHECKS = ("jwt", "oidc", "authorization", "basicAuth", "apiKey", "extAuth")
+"""The check sections of an AuthPolicy, as written in YAML."""
 
 _JWK_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}
 
@@ -95,7 +104,7 @@ def _missing(p: Policies, item: Item[Any], path: tuple[Any, ...], kind: str, nam
 
 def _policies(p: Policies, out: list[Problem]) -> None:
     gateways_with_jwt = {x.obj.spec.target_ref.name for x in p.policies.values()
-                         if x.obj.spec.target_ref.kind == "Gateway" and x.obj.spec.jwt}
+                         if x.obj.spec.target_ref.kind == "Gateway" and (x.obj.spec.jwt or x.obj.spec.oidc)}
     targets: dict[tuple[str, str, str | None], Item[AuthPolicy]] = {}
     by_route: dict[str, list[Item[AuthPolicy]]] = defaultdict(list)
     for pol in p.policies.values():
@@ -118,23 +127,31 @@ def _policies(p: Policies, out: list[Problem]) -> None:
             targets[key] = pol
         if ref.kind == "Route":
             by_route[ref.name].append(pol)
+        checks = [c for c in CHECKS if getattr(spec, to_snake(c)) is not None]
         if spec.public:
             if ref.kind == "Gateway":
                 out.append(src.problem(("spec", "public"), "public: true is only allowed on a Route target"))
-            elif spec.jwt or spec.authorization or spec.ext_auth:
+            elif checks:
                 out.append(src.problem(("spec", "public"),
-                                       "public: true turns every check off; remove jwt, authorization and extAuth"))
-        elif not (spec.jwt or spec.authorization or spec.ext_auth):
-            out.append(src.problem(("spec",), "the policy has no check: set jwt, authorization, extAuth or public"))
+                                       f"public: true turns every check off; remove {', '.join(checks)}"))
+        elif not checks:
+            out.append(src.problem(("spec",), f"the policy has no check: set {', '.join(CHECKS)} or public"))
         if spec.jwt:
             _jwt(p, pol, out)
         if spec.authorization:
             _names(pol, ("spec", "authorization", "rules"), spec.authorization.rules, out)
             route = p.routes.get(ref.name) if ref.kind == "Route" else None
             gateway_jwt = route is not None and route.obj.spec.gateway in gateways_with_jwt
-            if any(r.when.claims for r in spec.authorization.rules) and not (spec.jwt or gateway_jwt):
+            if any(r.when.claims for r in spec.authorization.rules) and not (spec.jwt or spec.oidc or gateway_jwt):
                 out.append(src.problem(("spec", "authorization"),
-                                       "claims conditions need a jwt section in this policy or on the gateway"))
+                                       "claims conditions need a jwt or oidc section in this policy or on the "
+                                       "gateway"))
+        if spec.oidc:
+            _oidc(p, pol, out)
+        if spec.basic_auth:
+            _credential_file(p, pol, "basicAuth", spec.basic_auth.file, parse_htpasswd, out)
+        if spec.api_key:
+            _api_key(p, pol, out)
         if spec.ext_auth:
             _ext_auth(p, pol, out)
     for route_name, pols in by_route.items():
@@ -183,21 +200,158 @@ def _jwt(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
                 out.append(pol.source.problem((*where, "inline"), problem))
 
 
+def _credential_file(p: Policies, pol: Item[AuthPolicy], section: str, rel: str,
+                     parse: Callable[[str, str], tuple[list[Entry], list[Problem]]],
+                     out: list[Problem]) -> list[Entry]:
+    """Read and check an htpasswd or key file; its content becomes part of the version."""
+    path = policy_file_path(pol, rel)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
+        out.append(pol.source.problem(("spec", section, "file"), f"cannot read {rel!r}: {reason}"))
+        return []
+    entries, problems = parse(path, text)
+    out.extend(problems)
+    p.files[path] = text
+    return entries
+
+
+def _oidc(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
+    """Resolve endpoints (discovery) and secrets; the secret files are watched like policy files."""
+    spec = pol.obj.spec.oidc
+    assert spec is not None
+    where = ("spec", "oidc")
+    if pol.obj.spec.jwt:
+        out.append(pol.source.problem((*where,), "oidc checks the ID token itself; put bearer-token (jwt) "
+                                                 "checks in another policy"))
+    base = os.path.dirname(pol.source.path)
+    secrets: dict[str, bytes] = {}
+    for name, ref in (("clientSecret", spec.client_secret), ("hmacSecret", spec.hmac_secret)):
+        if ref is None:
+            continue
+        try:
+            secrets[name], path = read_secret(ref, base)
+        except OidcError as e:
+            out.append(pol.source.problem((*where, name), str(e)))
+            continue
+        if path:
+            p.files[path] = secrets[name].decode(errors="replace")
+        if name == "hmacSecret" and len(secrets[name]) < 32:
+            out.append(pol.source.problem((*where, name), "needs at least 32 bytes"))
+    try:
+        found, warning = oidc_endpoints(spec)
+    except OidcError as e:
+        out.append(pol.source.problem((*where, "issuer"), str(e)))
+        return
+    if warning:
+        p.warnings.append(pol.source.problem((*where, "issuer"), warning))
+    if "clientSecret" in secrets:
+        client = secrets["clientSecret"]
+        p.oidc[pol.name] = ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec))
+
+
+def _api_key(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
+    spec = pol.obj.spec.api_key
+    assert spec is not None
+    entries = _credential_file(p, pol, "apiKey", spec.file, parse_key_file, out)
+    known = {e.name for e in entries}
+    for i, client in enumerate(spec.clients):
+        if entries and client not in known:
+            out.append(pol.source.problem(("spec", "apiKey", "clients", i),
+                                          f"no client {client!r} in the key file {spec.file!r}"))
+
+
 def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
     ext = pol.obj.spec.ext_auth
     assert ext is not None
     where = ("spec", "extAuth")
     if ext.service == "builtin":
+        for name in ("path_prefix", "headers_to_upstream"):
+            if getattr(ext, name):
+                out.append(pol.source.problem((*where, to_camel(name)),
+                                              "only used with your own HTTP service (Backend)"))
+        clients = _api_keys(p, pol, out) if ext.api_keys else None
         if not ext.rules:
             out.append(pol.source.problem((*where, "rules"),
                                           "service: builtin needs rules (no rule would deny every request)"))
         else:
             _names(pol, (*where, "rules"), ext.rules, out)
+            _builtin_rules(p, pol, clients, out)
     else:
         if ext.service not in p.backends:
             _missing(p, pol, (*where, "service"), "Backend", ext.service, out, " (or use builtin)")
         elif ext.protocol == "grpc" and p.backends[ext.service].obj.spec.protocol != "http2":
             out.append(pol.source.problem((*where, "service"),
                                           f"gRPC ext_authz needs Backend {ext.service!r} to have protocol: http2"))
-        if ext.rules is not None:
-            out.append(pol.source.problem((*where, "rules"), "rules are only used with service: builtin"))
+        for name in ("rules", "api_keys"):
+            if getattr(ext, name) is not None:
+                out.append(pol.source.problem((*where, to_camel(name)),
+                                              f"{to_camel(name)} are only used with service: builtin"))
+
+
+def _api_keys(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> set[str] | None:
+    """Client names of the policy's API key file (its content becomes part of the version)."""
+    from authplane.authz.rules import KeyFileError, KeyTable, key_file_path
+
+    ext = pol.obj.spec.ext_auth
+    assert ext is not None and ext.api_keys is not None
+    where = ("spec", "extAuth", "apiKeys", "file")
+    path = key_file_path(pol, ext.api_keys)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        table = KeyTable.build(ext.api_keys, text)
+    except OSError as e:
+        out.append(pol.source.problem(where, f"cannot read API key file {ext.api_keys.file!r}: {e.strerror}"))
+        return None
+    except (KeyFileError, UnicodeDecodeError) as e:
+        out.append(pol.source.problem(where, f"API key file {ext.api_keys.file!r}: {e}"))
+        return None
+    p.files[path] = text
+    return {name for bucket in table.buckets.values() for _, name in bucket}
+
+
+_NATIVE_DENY = ExtAuthRule.model_fields["deny"].default
+
+
+def _builtin_rules(p: Policies, pol: Item[AuthPolicy], clients: set[str] | None,
+                   out: list[Problem]) -> None:
+    from authplane.authz.rules import CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
+
+    ext = pol.obj.spec.ext_auth
+    assert ext is not None and ext.rules is not None
+    where = ("spec", "extAuth", "rules")
+    for i, rule in enumerate(ext.rules):
+        for header in rule.when.headers:
+            if header in (CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER):
+                out.append(pol.source.problem((*where, i, "when", "headers"),
+                                              f"{header} is set by Envoy for the decision service; "
+                                              "use sourceCIDRs or claims"))
+        unknown = sorted(set(rule.when.api_keys) - {"*"} - (clients or set()))
+        if rule.when.api_keys and ext.api_keys is None:
+            out.append(pol.source.problem((*where, i, "when", "apiKeys"),
+                                          "apiKeys conditions need extAuth.apiKeys (the key file)"))
+        elif unknown and clients is not None and ext.api_keys is not None:
+            out.append(pol.source.problem((*where, i, "when", "apiKeys"),
+                                          f"no client {unknown[0]!r} in the API key file "
+                                          f"{ext.api_keys.file!r}"))
+    if any(r.when.claims for r in ext.rules) and not pol.obj.spec.jwt:
+        ref = pol.obj.spec.target_ref
+        route = p.routes.get(ref.name) if ref.kind == "Route" else None
+        if route is None or not any(
+                x.obj.spec.jwt and x.obj.spec.target_ref == TargetRef(kind="Gateway", name=route.obj.spec.gateway)
+                for x in p.policies.values()):
+            out.append(pol.source.problem(where, "claims conditions need a jwt section in this "
+                                                 "policy or on the gateway"))
+    native = all(
+        not (r.when.api_keys or r.when.authenticated is not None or r.upstream_headers
+             or r.remove_headers or r.response_headers) and r.deny == _NATIVE_DENY
+        for r in ext.rules)
+    if native and not ext.api_keys:
+        p.warnings.append(pol.source.problem(
+            where, "these rules only use what native `authorization` rules can express (claims, "
+                   "headers, sourceCIDRs, methods, paths; 403 on deny): native rules keep ~95% of "
+                   "Envoy's throughput, a decision service call costs far more "
+                   "(see docs/decision-service.md)"))

@@ -51,12 +51,13 @@ def _route_requirement(lst: ListenerIR, checks: Checks | None) -> tuple[str, jwt
     return None
 
 
-def _jwks_cluster(uri: str) -> ClusterIR:
+def uri_cluster(uri: str, prefix: str = "jwks") -> ClusterIR:
+    """The cluster Envoy reaches a URL's host with: ``<prefix>_<host>_<port>``, TLS for https."""
     parts = urlsplit(uri)
     https = parts.scheme == "https"
     host = parts.hostname or ""
     port = parts.port or (443 if https else 80)
-    return ClusterIR(f"jwks_{host}_{port}", ((host, port),), False, 5.0, https, host if https else None,
+    return ClusterIR(f"{prefix}_{host}_{port}", ((host, port),), False, 5.0, https, host if https else None,
                      None)
 
 
@@ -81,7 +82,7 @@ def _provider(ir: JwtIR, name: str) -> jwt.JwtProvider:
     if jwks.uri:
         remote = out.remote_jwks
         remote.http_uri.CopyFrom(http_uri_pb2.HttpUri(
-            uri=jwks.uri, cluster=_jwks_cluster(jwks.uri).name, timeout=duration(jwks.timeout)))
+            uri=jwks.uri, cluster=uri_cluster(jwks.uri).name, timeout=duration(jwks.timeout)))
         remote.cache_duration.CopyFrom(duration(jwks.cache_duration))
         remote.async_fetch.SetInParent()  # fetch at start-up and refresh in the background
         remote.retry_policy.num_retries.value = 3
@@ -126,4 +127,4 @@ def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
 
 
 def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return [_jwks_cluster(p.jwks.uri) for ir in _jwts(lst) for p in ir.spec.providers if p.jwks.uri]
+    return [uri_cluster(p.jwks.uri) for ir in _jwts(lst) for p in ir.spec.providers if p.jwks.uri]

@@ -1,0 +1,129 @@
+"""What an ``oidc`` section needs from outside the policy files: the provider's endpoints
+(discovery) and the secrets. Resolved when policies are loaded, so compiling stays pure.
+
+Discovery documents are cached per issuer for ``CACHE_TTL``; when the provider cannot be reached
+the last good copy keeps serving (a reload must not take SSO down because the provider blinked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from authplane.policy.model import Oidc, SecretRef
+
+DISCOVERY_TIMEOUT = 5.0
+CACHE_TTL = 600.0
+_HMAC_LABEL = b"authplane oauth2 cookie hmac v1"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    authorization: str
+    token: str
+    jwks: str
+    end_session: str | None
+
+
+@dataclass(frozen=True)
+class ResolvedOidc:
+    """One policy's ``oidc`` section with its endpoints and secrets."""
+
+    endpoints: Endpoints
+    client_secret: bytes = field(repr=False)
+    hmac_secret: bytes = field(repr=False)
+
+
+class OidcError(Exception):
+    """Discovery or a secret failed; the message never contains a secret."""
+
+
+_cache: dict[str, tuple[float, Endpoints]] = {}
+_lock = threading.Lock()
+
+
+def discovery_url(issuer: str) -> str:
+    return issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+def _fetch(issuer: str, timeout: float) -> Endpoints:
+    url = discovery_url(issuer)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise OidcError(f"cannot fetch the discovery document {url}: {reason}") from None
+    if not isinstance(doc, dict):
+        raise OidcError(f"discovery document {url}: expected a JSON object")
+    if doc.get("issuer", issuer).rstrip("/") != issuer.rstrip("/"):
+        raise OidcError(f"discovery document {url} names issuer {doc.get('issuer')!r}, not {issuer!r}")
+    missing = [k for k in ("authorization_endpoint", "token_endpoint", "jwks_uri")
+               if not isinstance(doc.get(k), str) or not doc[k].startswith(("http://", "https://"))]
+    if missing:
+        raise OidcError(f"discovery document {url} has no usable {', '.join(missing)}")
+    end = doc.get("end_session_endpoint")
+    return Endpoints(doc["authorization_endpoint"], doc["token_endpoint"], doc["jwks_uri"],
+                     end if isinstance(end, str) and end.startswith(("http://", "https://")) else None)
+
+
+def discover(issuer: str, timeout: float = DISCOVERY_TIMEOUT) -> tuple[Endpoints, str | None]:
+    """The issuer's endpoints and, when a stale cached copy had to be used, a warning."""
+    now = time.monotonic()
+    with _lock:
+        cached = _cache.get(issuer)
+    if cached and now - cached[0] < CACHE_TTL:
+        return cached[1], None
+    try:
+        found = _fetch(issuer, timeout)
+    except OidcError as e:
+        if cached:
+            return cached[1], f"{e}; using the copy fetched {round(now - cached[0])}s ago"
+        raise
+    with _lock:
+        _cache[issuer] = (now, found)
+    return found, None
+
+
+def endpoints(spec: Oidc) -> tuple[Endpoints, str | None]:
+    if not spec.discovery:
+        assert spec.authorization_endpoint and spec.token_endpoint and spec.jwks_uri
+        return Endpoints(spec.authorization_endpoint, spec.token_endpoint, spec.jwks_uri,
+                         spec.end_session_endpoint), None
+    found, warning = discover(spec.issuer)
+    if spec.end_session_endpoint:
+        found = Endpoints(found.authorization, found.token, found.jwks, spec.end_session_endpoint)
+    return found, warning
+
+
+def read_secret(ref: SecretRef, base_dir: str) -> tuple[bytes, str | None]:
+    """(secret, path of the file it came from, if any)."""
+    if ref.env is not None:
+        value = os.environ.get(ref.env, "").strip()
+        if not value:
+            raise OidcError(f"environment variable {ref.env} is not set or empty")
+        return value.encode(), None
+    assert ref.file is not None
+    path = os.path.normpath(os.path.join(base_dir, ref.file))
+    try:
+        with open(path, "rb") as f:
+            value = f.read().strip()
+    except OSError as e:
+        raise OidcError(f"cannot read {ref.file!r}: {e.strerror}") from None
+    if not value:
+        raise OidcError(f"{ref.file!r} is empty")
+    return value, path
+
+
+def derive_hmac_secret(client_secret: bytes, spec: Oidc) -> bytes:
+    """HMAC-SHA256 of the issuer and client ID under the client secret: the same 32 bytes on
+    every Envoy and after every restart, never revealing the client secret."""
+    message = b"\0".join([_HMAC_LABEL, spec.issuer.encode(), spec.client_id.encode()])
+    return hmac.new(client_secret, message, hashlib.sha256).digest()

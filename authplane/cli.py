@@ -69,7 +69,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         known = ", ".join(snapshots) or "none"
         return _fail(f"authplane render: unknown fleet {args.fleet!r} (fleets in {args.dir}: {known})")
     snap = snapshots[args.fleet]
-    data = to_dict(static_bootstrap(snap)) if args.static else snapshot_dict(snap)
+    if args.static:
+        data = to_dict(static_bootstrap(snap), show_secrets=args.show_secrets)
+    else:
+        data = snapshot_dict(snap, show_secrets=args.show_secrets)
     sys.stdout.write(dump(data, args.format))
     return 0
 
@@ -199,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("yaml", "json"), default="yaml")
     p.add_argument("--static", action="store_true",
                    help="print a static Envoy bootstrap (routes inlined) instead of xDS resources")
+    p.add_argument("--show-secrets", action="store_true",
+                   help="print client secrets, HMAC keys, API keys and passwords (redacted by default)")
     _compile_flags(p)
     p.set_defaults(func=cmd_render)
 

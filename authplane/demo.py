@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +55,7 @@ def busy_ports(ports: dict[int, str]) -> list[str]:
     busy = []
     for port, what in sorted(ports.items()):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not busy
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -229,6 +229,14 @@ def _start_envoys(stack: Stack, ports: Ports, work: str) -> None:
         _ok()
 
 
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM: stop everything started so far, at start-up too."""
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise _Stop(signum)
+
+
 def run(args: argparse.Namespace) -> int:
     ports = Ports(args.xds_port, args.admin_port, args.authz_grpc_port, args.authz_http_port,
                   tuple(args.envoy_admin_ports))
@@ -241,9 +249,8 @@ def run(args: argparse.Namespace) -> int:
         print("authplane demo: cannot start:\n  " + "\n  ".join(busy), file=sys.stderr)
         print("Stop what uses them, or move the control-plane ports with the flags named above.", file=sys.stderr)
         return 1
-    stop_requested = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop_requested.set())
+        signal.signal(sig, _interrupt)
     stack = Stack()
     work = tempfile.mkdtemp(prefix="authplane-demo-")
     stack.stops.append(lambda: shutil.rmtree(work, ignore_errors=True))
@@ -256,16 +263,19 @@ def run(args: argparse.Namespace) -> int:
         _wait_http(f"http://127.0.0.1:{EDGE_PORT}/healthz", 30, want=200)
         _ok()
         print(walkthrough(args.dir, ports), flush=True)
-        while not stop_requested.wait(0.5):
-            if serve.poll() is not None:
-                print(f"authplane serve exited ({serve.returncode}); stopping", file=sys.stderr)
-                return 1
+        while serve.poll() is None:
+            time.sleep(0.2)
+        print(f"authplane serve exited ({serve.returncode}); stopping", file=sys.stderr)
+        return 1
+    except _Stop:
         print("\nStopping the demo ...", flush=True)
         return 0
     except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
         print(f"\nauthplane demo: {e}", file=sys.stderr)
         return 1
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         stack.stop()
         print("Stopped.", flush=True)
 

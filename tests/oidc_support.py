@@ -57,11 +57,12 @@ class Cookie:
 
 @dataclass
 class Browser:
-    """Sends every request for a host ending in ``.localtest`` to Envoy's port (like a hosts file),
+    """Sends every request for a host ending in ``domain`` to Envoy's port (like a hosts file),
     everything else to the URL's own address; keeps cookies by domain (Secure cookies too: the test
     runs on plain HTTP on loopback)."""
 
     envoy_port: int
+    domain: str = ".localtest"
     cookies: dict[tuple[str, str], Cookie] = field(default_factory=dict)
     history: list[tuple[str, int]] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ class Browser:
                 body: str | None = None) -> Response:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""
-        port = self.envoy_port if host.endswith(".localtest") else parts.port or 80
+        port = self.envoy_port if host.endswith(self.domain) else parts.port or 80
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
         sent = {"host": parts.netloc, **(headers or {})}
         cookie = self._cookie_header(host)

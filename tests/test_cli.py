@@ -51,7 +51,7 @@ def test_render_yaml_and_json_agree():
 def test_render_unknown_fleet_and_misuse_are_one_line():
     r = run("render", "policies", "--fleet", "nope")
     assert r.returncode == 1
-    assert r.stderr.strip() == "authplane render: unknown fleet 'nope' (fleets in policies: edge)"
+    assert r.stderr.strip() == "authplane render: unknown fleet 'nope' (fleets in policies: edge, sso)"
     r = run("render", "policies")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1

@@ -97,46 +97,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     grpc_listen = None if args.no_authz else args.authz_grpc_listen or args.authz_grpc
     http_listen = None if args.no_authz else args.authz_http_listen or args.authz_http
     if grpc_listen or http_listen:
-        from authplane.authz.service import AuthzService
+        from authplane.authz.serving import InProcess, Workers
 
-        authz = AuthzService()
-        cp.add_component(_Listening(authz, grpc_listen, http_listen), registry=authz.registry,
-                         on_revision=_Listening.hook(authz))
+        authz = Workers(args.authz_workers, grpc_listen, http_listen) if args.authz_workers > 1 else (
+            InProcess(grpc_listen, http_listen))
+        cp.add_component(authz, registry=authz.registry, on_revision=authz.on_revision)
     cp.load(allow_empty=args.allow_empty)  # PolicyError: problems printed by main(), exit 1
     try:
         return asyncio.run(cp.serve_forever())
     except OSError as e:
         return _fail(f"authplane serve: {e}")
-
-
-class _Listening:
-    """The decision service as a control-plane component, on the addresses ``serve`` was given."""
-
-    def __init__(self, service, grpc_addr: str | None, http_addr: str | None) -> None:  # service: AuthzService
-        self.service, self.grpc_addr, self.http_addr = service, grpc_addr, http_addr
-
-    async def start(self) -> None:
-        await self.service.start(self.grpc_addr, self.http_addr)
-
-    async def stop(self) -> None:
-        await self.service.stop()
-
-    def addresses(self) -> dict[str, str]:
-        """For ``--address-file``."""
-        found = {"authz_grpc": self.service.grpc_address, "authz_http": self.service.http_address}
-        return {k: v for k, v in found.items() if v}
-
-    @staticmethod
-    def hook(service):  # -> RevisionHook
-        """Swap in each revision's builtin rules before Envoys see it; raising rejects the revision."""
-        import hashlib
-
-        def on_revision(rev) -> None:
-            if rev.policies is not None:
-                fleets = ",".join(f"{f}={v}" for f, v in sorted(rev.versions().items()))
-                service.update(rev.policies, hashlib.sha256(fleets.encode()).hexdigest()[:12])
-
-        return on_revision
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -170,6 +140,12 @@ def _address(value: str) -> str:
 def _port(value: str) -> int:
     if not value.isdigit() or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"invalid port {value!r}: expected 0-65535")
+    return int(value)
+
+
+def _workers(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(f"invalid count {value!r}: expected 1-64")
     return int(value)
 
 
@@ -223,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the decision service listens for gRPC ext_authz (default: --authz-grpc)")
     p.add_argument("--authz-http-listen", type=_address, metavar="HOST:PORT",
                    help="where it listens for HTTP ext_authz and forward-auth (default: --authz-http)")
-    p.add_argument("--no-authz", action="store_true", help="do not run the decision service in this process")
+    p.add_argument("--authz-workers", type=_workers, default=1, metavar="N",
+                   help="run the decision service in N processes sharing its ports (default 1: in this process)")
+    p.add_argument("--no-authz", action="store_true", help="do not run the decision service")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bootstrap", help="print the Envoy bootstrap of one fleet member")

@@ -275,9 +275,11 @@ def builtin_policy(header_value: str) -> str:
         """
 
 
-def test_serve_runs_the_decision_service_and_reloads_its_rules(tmp_path, stack, echo):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_runs_the_decision_service_and_reloads_its_rules(tmp_path, stack, echo, workers):
     """``serve`` alone is the whole control plane: Envoy's builtin ext_authz reaches the decision
-    service in the same process, and a saved rule change is enforced like any other edit."""
+    service (in the same process, or in worker processes), and a saved rule change is enforced
+    like any other edit."""
     envoys, serves = stack
     port, grpc_port, http_port = free_port(), free_port(), free_port()
     d = write_policies(str(tmp_path / "policies"), {
@@ -288,6 +290,7 @@ def test_serve_runs_the_decision_service_and_reloads_its_rules(tmp_path, stack, 
     serves.append(serve := ServeProcess(
         d, str(tmp_path), 0, "--authz-grpc", f"127.0.0.1:{grpc_port}", "--authz-http", f"127.0.0.1:{http_port}",
         "--authz-grpc-listen", f"127.0.0.1:{grpc_port}", "--authz-http-listen", f"127.0.0.1:{http_port}",
+        "--authz-workers", str(workers),
     ).wait_started())
     assert (serve.authz_grpc, serve.authz_http) == (f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}")
     envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)])
@@ -302,3 +305,8 @@ def test_serve_runs_the_decision_service_and_reloads_its_rules(tmp_path, stack, 
     wait_for(lambda: request(port, "/x", headers={"x-pass": "two"}).status == 200, "the new rule to apply")
     assert request(port, "/x", headers={"x-pass": "one"}).status == 403
     assert metric_sum(serve.metrics(), "authplane_authz_decisions_total") >= 3
+    if workers > 1:
+        children = subprocess.run(["pgrep", "-P", str(serve.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == workers
+        assert serve.stop(signal.SIGTERM) == 0
+        assert all(not os.path.exists(f"/proc/{pid}") for pid in children)  # workers stopped with it

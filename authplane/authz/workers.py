@@ -80,9 +80,10 @@ class WorkerPool:
 
 def start_workers(n: int, grpc_addr: str | None = "127.0.0.1:9001",
                   http_addr: str | None = "127.0.0.1:9002", table: RuleTable | None = None,
-                  timeout: float = 30.0) -> WorkerPool:
-    """Start ``n`` worker processes listening on the same ports; returns once all listen."""
-    metrics_dir = tempfile.mkdtemp(prefix="authplane-authz-metrics-")
+                  timeout: float = 30.0, metrics_dir: str | None = None) -> WorkerPool:
+    """Start ``n`` worker processes listening on the same ports; returns once all listen.
+    ``metrics_dir``: prometheus-client's multiprocess directory (default: a new temporary one)."""
+    metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="authplane-authz-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     procs: list[subprocess.Popen[bytes]] = []
     with ExitStack() as stack:

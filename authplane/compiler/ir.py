@@ -140,6 +140,8 @@ class ClusterIR:
     tls: bool
     sni: str | None
     origin: Origin | None
+    max_streams: int | None = None
+    """HTTP/2: concurrent streams per connection; beyond it Envoy opens another connection."""
 
     @property
     def static_ips(self) -> bool:

@@ -122,9 +122,11 @@ def cluster(c: ClusterIR, eds: bool = True) -> cluster_pb2.Cluster:
         if not c.static_ips:
             out.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
     if c.http2:
+        h2 = protocol_pb2.Http2ProtocolOptions()
+        if c.max_streams:
+            h2.max_concurrent_streams.value = c.max_streams
         opts = upstream_http.HttpProtocolOptions(explicit_http_config=upstream_http.HttpProtocolOptions.
-                                                 ExplicitHttpConfig(http2_protocol_options=protocol_pb2.
-                                                                    Http2ProtocolOptions()))
+                                                 ExplicitHttpConfig(http2_protocol_options=h2))
         out.typed_extension_protocol_options[
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(pack(opts))
     if c.tls:

@@ -27,6 +27,7 @@ from authplane.policy.model import AuthPolicy, Jwks, Jwt, JwtProvider, Oidc, Rou
 from authplane.policy.validate import read_jwks_file
 
 BUILTIN_GRPC = "authplane_authz_grpc"
+BUILTIN_GRPC_STREAMS = 16
 BUILTIN_HTTP = "authplane_authz_http"
 
 
@@ -58,8 +59,11 @@ def _checks(p: Policies, pol: Item[AuthPolicy], level: str, fleet: FleetIR,
         if ea.service == "builtin":
             cluster, address = ((BUILTIN_GRPC, opts.authz_grpc) if ea.protocol == "grpc"
                                 else (BUILTIN_HTTP, opts.authz_http))
+            # gRPC: a few streams per connection, so Envoy's checks spread over the connections
+            # (and ``--authz-workers`` processes) instead of one HTTP/2 connection per Envoy thread
             fleet.clusters.setdefault(cluster, ClusterIR(
-                cluster, (_split(address),), ea.protocol == "grpc", 1.0, False, None, None))
+                cluster, (_split(address),), ea.protocol == "grpc", 1.0, False, None, None,
+                BUILTIN_GRPC_STREAMS if ea.protocol == "grpc" else None))
         else:
             cluster = _backend_cluster(p, ea.service, fleet)
         ref = spec.target_ref

@@ -1,0 +1,86 @@
+"""The decision service as a component of ``authplane serve``: in the server's own process, or
+in ``--authz-workers N`` processes sharing its ports. Either way each policy revision's rules are
+swapped in before Envoys are sent that revision's configuration, so decisions and config change
+together."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import tempfile
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from authplane.authz.rules import RuleTable, compile_table
+from authplane.authz.service import AuthzService
+from authplane.authz.workers import WorkerPool, start_workers
+from authplane.controlplane.store import Revision
+
+
+def revision_version(rev: Revision) -> str:
+    """One version for the rules of every fleet of a revision."""
+    fleets = ",".join(f"{f}={v}" for f, v in sorted(rev.versions().items()))
+    return hashlib.sha256(fleets.encode()).hexdigest()[:12]
+
+
+class InProcess:
+    """The decision service on the server's event loop."""
+
+    def __init__(self, grpc_addr: str | None, http_addr: str | None) -> None:
+        self.service = AuthzService()
+        self.grpc_addr, self.http_addr = grpc_addr, http_addr
+        self.registry = self.service.registry
+
+    def on_revision(self, rev: Revision) -> None:
+        """Raises (rejecting the revision, keeping the old rules) if the rules do not compile."""
+        if rev.policies is not None:
+            self.service.update(rev.policies, revision_version(rev))
+
+    async def start(self) -> None:
+        await self.service.start(self.grpc_addr, self.http_addr)
+
+    async def stop(self) -> None:
+        await self.service.stop()
+
+    def addresses(self) -> dict[str, str]:
+        """For ``serve --address-file``."""
+        found = {"authz_grpc": self.service.grpc_address, "authz_http": self.service.http_address}
+        return {k: v for k, v in found.items() if v}
+
+
+class Workers:
+    """``n`` decision processes on shared ports (SO_REUSEPORT), fed compiled rule tables."""
+
+    def __init__(self, n: int, grpc_addr: str | None, http_addr: str | None) -> None:
+        self.n, self.grpc_addr, self.http_addr = n, grpc_addr, http_addr
+        self.metrics_dir = tempfile.mkdtemp(prefix="authplane-authz-metrics-")
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=self.metrics_dir)
+        self.pool: WorkerPool | None = None
+        self.table: RuleTable | None = None  # the start-up revision's, loaded before the workers start
+
+    def on_revision(self, rev: Revision) -> None:
+        if rev.policies is None:
+            return
+        table = compile_table(rev.policies, revision_version(rev))
+        if self.pool is not None:
+            self.pool.update_table(table)
+        self.table = table
+
+    async def start(self) -> None:
+        self.pool = await asyncio.to_thread(start_workers, self.n, self.grpc_addr, self.http_addr, self.table,
+                                            metrics_dir=self.metrics_dir)
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.stop)
+            self.pool = None
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def addresses(self) -> dict[str, str]:
+        if self.pool is None:
+            return {}
+        found = {"authz_grpc": self.pool.grpc_addr, "authz_http": self.pool.http_addr}
+        return {k: v for k, v in found.items() if v}

@@ -9,6 +9,8 @@ deny rule"; with ``default: allow`` a DENY action with the deny rules. Deny rule
 
 from __future__ import annotations
 
+import functools
+
 from envoy.config.core.v3 import address_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -54,8 +56,13 @@ def _exact(value: str) -> string_pb2.StringMatcher:
     return string_pb2.StringMatcher(exact=value)
 
 
+@functools.lru_cache(maxsize=1024)
+def _segments(path: str) -> tuple[metadata_pb2.MetadataMatcher.PathSegment, ...]:
+    return tuple(metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in (PAYLOAD_KEY, *path.split(".")))
+
+
 def _claim(path: str, value: str) -> rbac.Principal:
-    segments = [metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in (PAYLOAD_KEY, *path.split("."))]
+    segments = _segments(path)
 
     def meta(v: value_pb2.ValueMatcher) -> rbac.Principal:
         matcher = metadata_pb2.MetadataMatcher(filter=JWT_FILTER, path=segments, value=v)
@@ -83,6 +90,13 @@ def _cidr(cidr: str) -> rbac.Principal:
     return rbac.Principal(remote_ip=address_pb2.CidrRange(address_prefix=ip, prefix_len={"value": int(plen)}))
 
 
+@functools.lru_cache(maxsize=256)
+def _methods(methods: tuple[str, ...]) -> rbac.Principal:
+    """Cached: the same few method sets recur in every policy. Callers copy it (protobuf
+    constructors and ``extend`` copy messages), never change it."""
+    return _any_of([_header(":method", m) for m in methods])
+
+
 def conditions(when: Conditions) -> rbac.Principal:
     """All kinds must match; any value within a kind matches."""
     parts: list[rbac.Principal] = []
@@ -93,7 +107,7 @@ def conditions(when: Conditions) -> rbac.Principal:
     if when.source_cidrs:
         parts.append(_any_of([_cidr(c) for c in when.source_cidrs]))
     if when.methods:
-        parts.append(_any_of([_header(":method", m) for m in when.methods]))
+        parts.append(_methods(tuple(when.methods)))
     if when.paths:
         parts.append(_any_of([_path(p) for p in when.paths]))
     return _all_of(parts)

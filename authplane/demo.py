@@ -63,12 +63,23 @@ def busy_ports(ports: dict[int, str]) -> list[str]:
     return busy
 
 
+def _cli_name() -> str:
+    """``authplane`` if the shell finds this installation's, else its path (``.venv/bin/authplane``
+    when the venv is not activated)."""
+    own = os.path.join(os.path.dirname(sys.executable), "authplane")
+    if shutil.which("authplane") == own or not os.path.exists(own):
+        return "authplane"
+    rel = os.path.relpath(own)
+    return rel if not rel.startswith("..") else own
+
+
 def walkthrough(policy_dir: str, ports: Ports) -> str:
     """Copy-paste commands; request lines end with ``# expect <status>`` or ``# expect body <text>``
     (the demo's end-to-end test runs them and checks)."""
     edge, llm, idp = f"localhost:{EDGE_PORT}", f"localhost:{LLM_PORT}", f"localhost:{IDP_PORT}"
     code = "curl -s -o /dev/null -w '%{http_code}\\n'"
     pol = policy_dir.rstrip("/")
+    cli = _cli_name()
     heredoc_end = "YAML"
     return f"""
 authplane demo is running: two Envoys of fleet "edge" (edge-1, edge-2) share {edge} and {llm}.
@@ -97,7 +108,7 @@ curl -s {edge}/open/hello; echo   # expect body denied by ext_authz
 
 # 4. JWT at the edge (story 3): no token, then a token from the development identity provider
 {code} {edge}/api/items   # expect 401
-ALICE=$(curl -s '{idp}/token?sub=alice&groups=admins')   # or: authplane demo token --sub alice --groups admins
+ALICE=$(curl -s '{idp}/token?sub=alice&groups=admins')   # or: {cli} demo token --sub alice --groups admins
 BOB=$(curl -s '{idp}/token?sub=bob&groups=dev')
 {code} -H "Authorization: Bearer $BOB" {edge}/api/items   # expect 200
 curl -s -H "Authorization: Bearer $BOB" {edge}/api/items | grep x-user-id   # expect body "x-user-id": "bob"
@@ -116,7 +127,7 @@ sleep 1
 {code} {edge}/open/hello   # expect 200
 
 # Which Envoy runs which version, and the metrics:
-authplane status --admin 127.0.0.1:{ports.admin}
+{cli} status --admin 127.0.0.1:{ports.admin}
 curl -s localhost:{ports.admin}/metrics | grep '^authplane_'
 """
 

@@ -103,3 +103,61 @@ def test_git_sha_and_dirty_marker(tmp_path, monkeypatch):
     assert git_version(d) == sha  # only the policy directory counts
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert git_version(d) is None  # git not installed
+
+
+def _route(timeout: str) -> dict[str, str]:
+    return {**POLICIES, "routes.yaml": POLICIES["routes.yaml"].replace("timeout: 1s", f"timeout: {timeout}")}
+
+
+def _serve(directory: str) -> InProcess:
+    cp = ControlPlane(ServeConfig(directory, xds="127.0.0.1:0", admin="127.0.0.1:0"))
+    cp.load()
+    return InProcess(cp)
+
+
+def test_configmap_volume_updates_are_followed(tmp_path, idp):
+    """Kubernetes' atomic writer: files are symlinks into ``..data``, itself a symlink to a
+    timestamped directory; an update writes a new directory and renames ``..data_tmp`` over ``..data``."""
+    os.makedirs(tmp_path / "keys")
+    (tmp_path / "keys" / "jwks.json").write_text(json.dumps(idp.jwks()))
+    vol = tmp_path / "vol"
+    os.makedirs(vol)
+    write_policies(str(vol / "..2026_11_23_01"), _route("1s"))
+    os.symlink("..2026_11_23_01", vol / "..data")
+    for name in POLICIES:
+        os.symlink(os.path.join("..data", name), vol / name)
+    plane = _serve(str(vol))
+    try:
+        v0 = version(plane)
+        write_policies(str(vol / "..2026_11_23_02"), _route("2s"))
+        os.symlink("..2026_11_23_02", vol / "..data_tmp")
+        os.replace(vol / "..data_tmp", vol / "..data")
+        wait_for(lambda: version(plane) != v0, "the ConfigMap update to be served", timeout=5)
+        assert plane.status()["last_reload_error"] is None
+    finally:
+        plane.close()
+
+
+def test_git_sync_symlink_swaps_are_followed(tmp_path, idp):
+    """git-sync: the policy directory is a symlink that is repointed at each new worktree."""
+    for keys in (tmp_path / "keys", tmp_path / "worktrees" / "keys"):  # ../keys, lexically or resolved
+        os.makedirs(keys)
+        (keys / "jwks.json").write_text(json.dumps(idp.jwks()))
+    write_policies(str(tmp_path / "worktrees" / "aaa"), _route("1s"))
+    link = tmp_path / "policies"
+    os.symlink(tmp_path / "worktrees" / "aaa", link)
+    plane = _serve(str(link))
+    try:
+        current = version(plane)
+        for sha, timeout in (("bbb", "2s"), ("ccc", "3s")):
+            write_policies(str(tmp_path / "worktrees" / sha), _route(timeout))
+            os.symlink(tmp_path / "worktrees" / sha, tmp_path / "policies.new")
+            os.replace(tmp_path / "policies.new", link)
+            current = wait_for(lambda b=current: version(plane) != b and version(plane), f"swap {sha} to be served",
+                               timeout=5)
+        # and an edit inside the current worktree
+        (tmp_path / "worktrees" / "ccc" / "routes.yaml").write_text(
+            (tmp_path / "worktrees" / "ccc" / "routes.yaml").read_text().replace("timeout: 3s", "timeout: 4s"))
+        wait_for(lambda: version(plane) != current, "an edit in the new worktree to be served", timeout=5)
+    finally:
+        plane.close()

@@ -26,3 +26,20 @@ def test_idp_serves_the_committed_dev_jwks_and_mints_tokens():
         assert payload["iss"] == "http://127.0.0.1:9400" and payload["aud"] == "api"
     finally:
         server.stop()
+
+
+def test_every_data_file_of_the_package_is_installed():
+    """A non-editable install (the Docker image) must carry the package's non-Python files."""
+    import fnmatch
+    import tomllib
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    for dirpath, dirnames, files in os.walk(os.path.join(root, "authplane")):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        package = os.path.relpath(dirpath, root).replace(os.sep, ".")
+        for name in files:
+            if not name.endswith((".py", ".pyc")):
+                patterns = package_data.get(package, [])
+                assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{package}/{name} is not package data"

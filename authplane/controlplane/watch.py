@@ -3,6 +3,10 @@
 Watches directories rather than files, so editors that write a temporary file and rename it over
 the original are seen; their temporary, backup and hidden files are ignored. Events are grouped
 for ``STEP_MS`` of quiet (at most ``DEBOUNCE_MS``), so a save is applied within ~30 ms.
+
+Symlink swaps are followed too: Kubernetes ConfigMap and Secret volumes publish an update by
+renaming the ``..data`` symlink inside the directory (seen as an event), and git-sync by pointing
+the directory's own symlink at a new worktree (no event where we watch: checked every second).
 """
 
 from __future__ import annotations
@@ -54,10 +58,13 @@ class PolicyWatcher:
         if not os.path.isdir(self.root):
             return path == self.root
         rel = os.path.relpath(path, self.root)
+        first = rel.split(os.sep)[0]
+        if first.startswith("..") and first != "..":
+            return True  # ..data, ..2026_11_23...: a ConfigMap/Secret volume's atomic update
         name = os.path.basename(path)
         if name.endswith(TEMPORARY[0]) or name.startswith(TEMPORARY[1]):
             return False
-        return not rel.startswith("..") and not any(part.startswith(".") for part in rel.split(os.sep))
+        return first != ".." and not any(part.startswith(".") for part in rel.split(os.sep))
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="policy-watcher")
@@ -71,15 +78,22 @@ class PolicyWatcher:
     async def _run(self) -> None:
         while not self._stop.is_set():
             paths = self.paths()
+            real = os.path.realpath(self.root)
             try:
                 if not paths:
                     raise FileNotFoundError(self.root)
                 log.debug("watching %s", ", ".join(paths))
-                async for _ in awatch(*paths, watch_filter=self.relevant, debounce=DEBOUNCE_MS, step=STEP_MS,
-                                      stop_event=self._stop, rust_timeout=1000):
+                async for changes in awatch(*paths, watch_filter=self.relevant, debounce=DEBOUNCE_MS,
+                                            step=STEP_MS, stop_event=self._stop, rust_timeout=1000,
+                                            yield_on_timeout=True):
+                    swapped = os.path.realpath(self.root) != real
+                    if not changes and not swapped:
+                        continue  # a quiet second
+                    if swapped:
+                        log.info("%s now points at %s", self.root, os.path.realpath(self.root))
                     await self.store.reload()
-                    if self.paths() != paths:
-                        break  # the policies now read other files: watch their directories
+                    if swapped or self.paths() != paths:
+                        break  # watch the new target, or the directories of newly read files
             except Exception as e:  # the directory vanished, too many watches ...: retry, keep serving
                 log.warning("cannot watch %s (%s); retrying", self.root, e)
                 try:

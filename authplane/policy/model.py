@@ -313,7 +313,8 @@ Url = Annotated[str, Field(pattern=_URL)]
 
 
 class SecretRef(Model):
-    """Where a secret is read; it reaches Envoy over SDS and ``authplane render`` never shows it."""
+    """Where a secret is read; it reaches Envoy over SDS, and ``authplane render`` redacts it
+    unless given ``--show-secrets``."""
 
     file: str | None = None
     """File holding the secret (surrounding whitespace is ignored), relative to the policy file."""

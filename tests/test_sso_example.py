@@ -5,6 +5,7 @@ Kibana and the wiki under one parent domain, and each app's group rule decides."
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -48,12 +49,12 @@ def sso(tmp_path_factory):
                 text = text.replace(f'"127.0.0.1:{app_port}"', f'"127.0.0.1:{echo.port}"')
             with open(d / "sso.yaml", "w") as f:
                 f.write(text)
-            serve = ServeProcess(str(d), str(tmp), 0, "--no-authz")
+            serve = ServeProcess(str(d), str(tmp), 0, "--no-authz", "--log-level", "debug")
             procs.append(serve)
             serve.wait_started()
             procs += start_envoys(str(tmp), serve.xds, [("sso-1", "sso", True)])
             serve.wait_in_sync("sso-1")
-            yield issuer, port, str(d)
+            yield issuer, port, str(d), serve
     finally:
         for p in reversed(procs):
             p.stop(signal.SIGKILL) if isinstance(p, ServeProcess) else p.stop()
@@ -61,7 +62,7 @@ def sso(tmp_path_factory):
 
 
 def test_one_sign_in_serves_every_app_and_group_rules_decide(sso):
-    _, port, _ = sso
+    _, port, _, _ = sso
     browser = Browser(port, domain=".example.test")
     r = sign_in(browser, "http://wiki.example.test/start", "alice")
     assert r.status == 200, browser.history
@@ -79,14 +80,14 @@ def test_one_sign_in_serves_every_app_and_group_rules_decide(sso):
 
 
 def test_api_clients_and_pass_through_paths(sso):
-    _, port, _ = sso
+    _, port, _, _ = sso
     assert request(port, "/api/search", host="grafana.example.test",
                    headers={"accept": "application/json"}).status == 401
     assert request(port, "/public/logo.png", host="wiki.example.test", headers={"accept": "text/html"}).status == 200
 
 
 def test_render_redacts_the_client_secret_unless_asked(sso):
-    _, _, d = sso
+    _, _, d, serve = sso
     with open(os.path.join(d, "client-secret.dev.txt")) as f:
         secret = f.read().strip()
     cmd = [sys.executable, "-m", "authplane.cli", "render", d, "--fleet", "sso", "--format", "json"]
@@ -95,3 +96,7 @@ def test_render_redacts_the_client_secret_unless_asked(sso):
         assert r.returncode == 0, r.stderr
         assert (base64.b64encode(secret.encode()).decode() in r.stdout or secret in r.stdout) is shown, extra
         assert ("[redacted: " in r.stdout) is not shown, extra
+    b64 = base64.b64encode(secret.encode()).decode()
+    status = json.dumps(serve.status())
+    for text in (serve.log(), status):  # nor does it show in logs or status
+        assert secret not in text and b64 not in text

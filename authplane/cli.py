@@ -23,10 +23,10 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _load(directory: str):  # -> Policies
+def _load(args: argparse.Namespace):  # -> Policies
     from authplane.policy.loader import load_dir
 
-    return load_dir(directory)
+    return load_dir(args.dir, args.max_file_size)
 
 
 def _options(args: argparse.Namespace):  # -> CompileOptions
@@ -39,7 +39,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from authplane.compiler.render import dump, static_bootstrap, to_dict
     from authplane.compiler.snapshot import compile_policies
 
-    policies = _load(args.dir)
+    policies = _load(args)
     snapshots = compile_policies(policies, _options(args))
     for w in policies.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -64,7 +64,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from authplane.compiler.render import dump, snapshot_dict, static_bootstrap, to_dict
     from authplane.compiler.snapshot import compile_policies
 
-    snapshots = compile_policies(_load(args.dir), _options(args))
+    snapshots = compile_policies(_load(args), _options(args))
     if args.fleet not in snapshots:
         known = ", ".join(snapshots) or "none"
         return _fail(f"authplane render: unknown fleet {args.fleet!r} (fleets in {args.dir}: {known})")
@@ -87,6 +87,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import os
 
     from authplane.controlplane.app import ControlPlane, ServeConfig
 
@@ -94,19 +95,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file))
+    cp.store.max_file_size = args.max_file_size
     grpc_listen = None if args.no_authz else args.authz_grpc_listen or args.authz_grpc
     http_listen = None if args.no_authz else args.authz_http_listen or args.authz_http
     if grpc_listen or http_listen:
-        from authplane.authz.serving import InProcess, Workers
+        from authplane.authz.serving import decision_service
 
-        authz = Workers(args.authz_workers, grpc_listen, http_listen) if args.authz_workers > 1 else (
-            InProcess(grpc_listen, http_listen))
+        authz = decision_service(args.authz_workers, grpc_listen, http_listen)
         cp.add_component(authz, registry=authz.registry, on_revision=authz.on_revision)
     cp.load(allow_empty=args.allow_empty)  # PolicyError: problems printed by main(), exit 1
     try:
-        return asyncio.run(cp.serve_forever())
+        code = asyncio.run(cp.serve_forever())
     except OSError as e:
         return _fail(f"authplane serve: {e}")
+    if cp.store.abandoned_build():  # stopped mid-reload; everything else is closed already
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -144,8 +150,8 @@ def _port(value: str) -> int:
 
 
 def _workers(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 64:
-        raise argparse.ArgumentTypeError(f"invalid count {value!r}: expected 1-64")
+    if not value.isdigit() or not 0 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(f"invalid count {value!r}: expected 0-64")
     return int(value)
 
 
@@ -155,7 +161,22 @@ def _nonempty(value: str) -> str:
     return value
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def _size(value: str) -> int:
+    number = value.rstrip("kKmMgGiIbB")
+    unit = value[len(number):].lower()
+    if not number.isdigit() or unit not in _SIZE_UNITS or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r}: expected bytes, or a number with KiB, MiB or GiB")
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def _compile_flags(p: argparse.ArgumentParser) -> None:
+    from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE
+
+    p.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
+                   help="refuse policy, JWKS, key and secret files larger than this (default 4MiB)")
     p.add_argument("--authz-grpc", default="127.0.0.1:9001", metavar="HOST:PORT",
                    help="address Envoy uses for the builtin decision service over gRPC")
     p.add_argument("--authz-http", default="127.0.0.1:9002", metavar="HOST:PORT",
@@ -200,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authz-http-listen", type=_address, metavar="HOST:PORT",
                    help="where it listens for HTTP ext_authz and forward-auth (default: --authz-http)")
     p.add_argument("--authz-workers", type=_workers, default=1, metavar="N",
-                   help="run the decision service in N processes sharing its ports (default 1: in this process)")
+                   help="run the decision service in N processes sharing its ports (default 1; 0: in this "
+                   "process, where checks wait while a reload holds it)")
     p.add_argument("--no-authz", action="store_true", help="do not run the decision service")
     p.set_defaults(func=cmd_serve)
 

@@ -41,6 +41,7 @@ def policy_texts(n: int) -> dict[str, str]:
 
 
 def measure(n: int, repeat: int) -> dict[str, float]:
+    from authplane.compiler.resources import GUARD_ROUTE
     from authplane.compiler.snapshot import compile_policies
     from authplane.policy.loader import load_texts
 
@@ -54,8 +55,9 @@ def measure(n: int, repeat: int) -> dict[str, float]:
         t2 = time.perf_counter()
         load_s.append(t1 - t0)
         compile_s.append(t2 - t1)
-    routes = sum(len(vh.routes) for rc in snaps["edge"].resources[
-        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"].values() for vh in rc.virtual_hosts)
+    routes = sum(r.name != GUARD_ROUTE for rc in snaps["edge"].resources[
+        "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"].values()
+        for vh in rc.virtual_hosts for r in vh.routes)
     assert routes == n, routes
     tracemalloc.start()
     compile_policies(policies)

@@ -175,7 +175,8 @@ def test_source_cidrs_methods_and_paths(stack, protocol):
         """))
     assert request(port, "/admin/x").status == 200
     assert request(port, "/admin/x", method="POST").status == 403
-    assert request(port, "/admin", method="POST").status == 200  # /admin/* is a prefix of /admin/
+    assert request(port, "/admin", method="POST").status == 403  # /admin/* covers /admin too (issue 9)
+    assert request(port, "/adminx", method="POST").status == 200
     assert request(port, "/admin/x", headers={"x-forwarded-for": "10.1.2.3"}).status == 200
 
 

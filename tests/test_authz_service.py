@@ -192,3 +192,31 @@ def test_two_worker_processes_share_ports_and_metrics(sample):
     finally:
         pool.stop()
     assert all(p.returncode == 0 for p in pool.procs)
+
+
+def test_workers_decide_with_a_table_as_soon_as_they_listen_and_once_update_returns(sample, tmp_path):
+    """No check is answered "unknown policy" at start-up, and ``update_table`` returns only once
+    every worker decides with the new table (serve pushes the matching Envoy config right after)."""
+    allow = compile_table(load_dir(sample), "v1")
+    other = write_policies(str(tmp_path / "other"), {"p.yaml": policy(
+        "service: builtin\nrules: [{name: nobody, action: deny, deny: {status: 403, body: nobody}}]")})
+    deny = compile_table(load_dir(other), "v2")
+    for _ in range(3):
+        pool = start_workers(1, "127.0.0.1:0", "127.0.0.1:0", allow)
+        try:
+            port = int(pool.http_addr.rsplit(":", 1)[1])
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/envoy/p/x", headers={"x-team": "blue"})
+            first = conn.getresponse()
+            first.read()
+            assert first.status == 200  # the rules were in place before "ready"
+            for i in range(20):
+                table = deny if i % 2 == 0 else allow
+                pool.update_table(table)
+                conn.request("GET", "/envoy/p/x", headers={"x-team": "blue"})
+                r = conn.getresponse()
+                r.read()
+                assert r.status == (403 if table is deny else 200), i
+            conn.close()
+        finally:
+            pool.stop()

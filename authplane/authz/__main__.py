@@ -19,15 +19,15 @@ from authplane.authz.rules import compile_table
 from authplane.authz.service import AuthzService
 from authplane.authz.workers import start_workers
 from authplane.errors import PolicyError
-from authplane.policy.loader import load_dir, policy_files
+from authplane.policy.loader import load_dir, policy_files, read_file
 
 
 def _load(directory: str):  # -> RuleTable
     h = hashlib.sha256()
+    policies = load_dir(directory)  # refuses what cannot be read safely (FIFOs, devices, huge files)
     for path in policy_files(directory):
-        with open(path, "rb") as f:
-            h.update(path.encode() + b"\0" + f.read())
-    return compile_table(load_dir(directory), h.hexdigest()[:16])
+        h.update(path.encode() + b"\0" + read_file(path))
+    return compile_table(policies, h.hexdigest()[:16])
 
 
 async def run(args: argparse.Namespace) -> None:

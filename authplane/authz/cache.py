@@ -9,23 +9,35 @@ share an entry, and the cache holds no credential in the clear.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from authplane.authz.engine import Request
 from authplane.authz.rules import CompiledPolicy
 
+_RAW = functools.partial(str.encode, errors="surrogateescape")
+"""aiohttp keeps request bytes that are not UTF-8 as surrogates: hash them as the bytes they were."""
+
 
 def cache_key(version: str, pol: CompiledPolicy, req: Request, tag: str) -> bytes:
+    try:
+        return _key(version, pol, req, tag, str.encode)
+    except UnicodeEncodeError:
+        return _key(version, pol, req, tag, _RAW)
+
+
+def _key(version: str, pol: CompiledPolicy, req: Request, tag: str, enc: Callable[[str], bytes]) -> bytes:
     h = hashlib.blake2b(digest_size=20)
     path = f"{req.scheme}://{req.host}{req.path}" if pol.uses_url else req.bare_path
-    h.update(f"{version}\0{pol.name}\0{tag}\0{req.method}\0{path}\0".encode())
+    h.update(enc(f"{version}\0{pol.name}\0{tag}\0{req.method}\0{path}\0"))
     if pol.uses_source:
-        h.update(f"src\0{req.source}\0".encode())
+        h.update(enc(f"src\0{req.source}\0"))
     for name in pol.key_headers:
         value = req.headers.get(name)
-        h.update(b"\1" if value is None else f"\2{value}\0".encode())
+        h.update(b"\1" if value is None else enc(f"\2{value}\0"))
     h.update(b"jwt\0" + req.claims_raw)
     return h.digest()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from authplane.authz.rules import CompiledPolicy, RuleTable
 from authplane.authz.tokens import Verifier
 
 log = logging.getLogger("authplane.authz")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?")
 
 
 class Decider:
@@ -35,7 +37,8 @@ class Decider:
             return deny("no policy named in the check (the route carries no authplane.policy)")
         pol = self.table.policies.get(name)
         if pol is None:
-            return deny(f"unknown policy {name!r} (not a service: builtin policy in version "
+            shown = repr(name) if _NAME.fullmatch(name) else "(not a policy name)"  # never echo input
+            return deny(f"unknown policy {shown} (not a service: builtin policy in version "
                         f"{self.table.version or 'none'})")
         return pol
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from authplane.authz.rules import IDENTITY_HEADERS, CompiledPolicy, KeyTable, Matcher, Rule
+from authplane.authz.rules import IDENTITY_HEADERS, CompiledPolicy, KeyTable, Matcher, Rule, trim_slash
 
 BROWSER = "text/html"
 
@@ -71,7 +71,7 @@ def api_client(keys: KeyTable, headers: Mapping[str, str]) -> str | None:
     value = headers.get(keys.header)
     if not value or not value.startswith(keys.prefix):
         return None
-    digest = hashlib.sha256(value[len(keys.prefix):].strip().encode()).digest()
+    digest = hashlib.sha256(value[len(keys.prefix):].strip().encode(errors="surrogateescape")).digest()
     found = None
     for stored, name in keys.buckets.get(digest[:8], ()):
         if hmac.compare_digest(digest, stored):
@@ -108,8 +108,8 @@ def matches(m: Matcher, req: Request, client: str | None) -> bool:
     if m.methods and req.method not in m.methods:
         return False
     if m.paths or m.prefixes:
-        path = req.bare_path
-        if path not in m.paths and not path.startswith(m.prefixes):
+        path = req.bare_path.lower() if m.ignore_case else req.bare_path
+        if trim_slash(path) not in m.paths and not path.startswith(m.prefixes):
             return False
     for name, values in m.headers:
         if req.headers.get(name) not in values:
@@ -143,25 +143,17 @@ def identity(req: Request, client: str | None) -> tuple[str, str, str]:
 
 def _allow(pol: CompiledPolicy, rule: Rule, req: Request, client: str | None) -> Decision:
     upstream = dict(rule.upstream)
-    remove = list(rule.remove)
     if pol.identity_headers:
         for name, value in zip(IDENTITY_HEADERS, identity(req, client), strict=True):
             if value:
                 upstream[name] = value
-            elif name in req.headers:
-                remove.append(name)  # never let a client-sent identity through
-    if pol.keys:
-        if pol.keys.client_header:
-            if client:
-                upstream[pol.keys.client_header] = client
-            elif pol.keys.client_header in req.headers:
-                remove.append(pol.keys.client_header)
-        if not pol.keys.forward and pol.keys.header in req.headers:
-            remove.append(pol.keys.header)
+    if pol.keys and pol.keys.client_header and client:
+        upstream[pol.keys.client_header] = client
+    # Never from the request: a cached decision answers requests carrying other headers.
+    remove = (h for h in (*rule.remove, *pol.strip) if h not in upstream)
     exp = (req.claims or {}).get("exp")
     return Decision(True, rule.name, 200, "", rule.response, tuple(sorted(upstream.items())),
-                    tuple(dict.fromkeys(h for h in remove if h not in upstream)),
-                    reason=f"allowed by rule {rule.name!r}",
+                    tuple(dict.fromkeys(remove)), reason=f"allowed by rule {rule.name!r}",
                     expires=float(exp) if isinstance(exp, int | float) else None)
 
 
@@ -170,7 +162,7 @@ def _deny(pol: CompiledPolicy, rule: Rule, req: Request) -> Decision:
     status, body = rule.status, rule.body
     if rule.sign_in and BROWSER in req.headers.get("accept", ""):
         sep = "&" if "?" in rule.sign_in else "?"
-        headers["location"] = f"{rule.sign_in}{sep}rd={quote(req.url(), safe='')}"
+        headers["location"] = f"{rule.sign_in}{sep}rd={quote(req.url(), safe='', errors='surrogateescape')}"
         status, body = 302, ""
     elif status == 401 and "www-authenticate" not in headers:
         headers["www-authenticate"] = f'Bearer realm="{pol.name}"'

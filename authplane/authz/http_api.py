@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 import time
 from collections.abc import Awaitable, Mapping
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,18 +37,30 @@ FORWARD_PREFIX = "/authz"
 POLICY_HEADER = "x-authplane-policy"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 """Envoy (HTTP mode) removes the headers listed here from the upstream request."""
+MAX_HEADER = 128 * 1024
+"""Longest request line or header accepted: Envoy forwards headers up to its 60 KiB default
+``max_request_headers_kb`` (aiohttp's own limit, 8,190 bytes, refused ordinary cookies)."""
+MAX_HEADERS = 256
 _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                   "proxy-connection", "content-length"})
 
 
-def normalize_path(path: str) -> str:
-    """What Envoy does before routing (decode, merge slashes, resolve dot segments): proxies
-    without it pass the raw URI, and a path rule must not be dodged with ``/a/../admin``."""
+_AMBIGUOUS = re.compile(r";|\.(?:/|$)")
+
+
+def normalize_path(path: str) -> str | None:
+    """What Envoy does before routing (decode, backslash to slash, merge slashes, resolve dot
+    segments): proxies without it pass the raw URI, and a path rule must not be dodged with
+    ``/a/../admin``. None for what Envoy's guard route refuses: a path with a path parameter
+    (``;``, ``%3B``) or a segment ending in a dot (``/a.``, ``/a./b``), which backends such as
+    Tomcat or IIS serve as ``/a`` (see ``resources.AMBIGUOUS_PATH``)."""
     bare, sep, query = path.partition("?")
-    clean = posixpath.normpath("/" + unquote(bare).lstrip("/"))
-    if bare.endswith("/") and clean != "/":
-        clean += "/"
-    return clean.replace("//", "/") + sep + query
+    decoded = unquote(bare).replace("\\", "/")
+    clean = posixpath.normpath("/" + decoded.lstrip("/"))
+    if clean != "/" and (decoded.endswith("/") or decoded.rpartition("/")[2] in (".", "..")):
+        clean += "/"  # as Envoy: /a/ and /a/b/.. both become /a/
+    clean = clean.replace("//", "/")
+    return None if _AMBIGUOUS.search(clean) else clean + sep + query
 
 
 def _client_ip(headers: Mapping[str, str], peer: str) -> str:
@@ -64,6 +79,41 @@ def _response(d: Decision, extra: dict[str, str] | None = None) -> web.Response:
         headers.extend(d.headers)
         return web.Response(status=200, headers=headers)
     return web.Response(status=d.status, headers=CIMultiDict(d.headers), text=d.body or None)
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's connection handler, with errors (unparsable requests, timeouts) answered by a
+    fixed text and logged as one line: aiohttp's own answer quotes the offending input and its
+    log carries a traceback per bad request."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+        if isinstance(exc, HttpProcessingError) or status < 500:
+            log.info("bad HTTP request from %s: %d", request.remote, status)
+        else:
+            log.error("request from %s failed: %d (%s)", request.remote, status, type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        try:
+            phrase = HTTPStatus(status).phrase.lower()
+        except ValueError:
+            phrase = "bad request"
+        response = web.Response(status=status, text=f"authplane: {phrase}\n")
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
+
+
+def http_server(frontend: HttpFrontend) -> web.Server:
+    """The low-level aiohttp server for ``frontend``, with header limits fit for what Envoy sends."""
+    return _Server(frontend.handle, access_log=None, max_line_size=MAX_HEADER,
+                   max_field_size=MAX_HEADER, max_headers=MAX_HEADERS)
 
 
 class HttpFrontend:
@@ -136,7 +186,10 @@ class HttpFrontend:
             return _response(pol)
         nginx = "x-original-url" in h
         if nginx:
-            url = urlsplit(h["x-original-url"])
+            try:
+                url = urlsplit(h["x-original-url"])
+            except ValueError:  # e.g. an unclosed IPv6 literal: fail closed, without echoing it
+                return _response(deny("malformed X-Original-URL", 400))
             method = h.get("x-original-method", "GET")
             scheme, host = url.scheme or "http", url.netloc
             path = url.path + (f"?{url.query}" if url.query else "")
@@ -146,7 +199,10 @@ class HttpFrontend:
             host = h.get("x-forwarded-host", h.get("host", ""))
             path = h.get("x-forwarded-uri", "/")
         headers = {k.lower(): v for k, v in h.items() if k.lower() not in _HOP}
-        req = Request(method=method.upper(), path=normalize_path(path or "/"), headers=headers,
+        clean = normalize_path(path or "/")
+        if clean is None:  # nginx auth_request turns any status but 401 and 403 into a 500
+            return _response(deny("ambiguous path (a ';' or a segment ending in '.')", 403 if nginx else 400))
+        req = Request(method=method.upper(), path=clean, headers=headers,
                       source=_client_ip(h, request.remote or ""), host=host, scheme=scheme)
         key, hit = self.decider.lookup(pol, req, "forward")
         if hit is None:

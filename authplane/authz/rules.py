@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from authplane.policy.loader import Item, Policies
+from authplane.policy.loader import Item, Policies, read_file
 from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuth, ExtAuthConditions, Jwt
 from authplane.policy.validate import read_jwks_file
 
@@ -80,6 +80,10 @@ def response_headers(ext: ExtAuth) -> list[str]:
     return sorted({h for r in ext.rules or [] for h in r.response_headers})
 
 
+def trim_slash(path: str) -> str:
+    return path[:-1] if len(path) > 1 and path.endswith("/") else path
+
+
 @dataclass(frozen=True, slots=True)
 class Matcher:
     """Compiled ``ExtAuthConditions``: all given kinds must match, any value within a kind."""
@@ -89,21 +93,26 @@ class Matcher:
     networks: tuple[Network, ...] = ()
     methods: frozenset[str] = frozenset()
     paths: frozenset[str] = frozenset()
+    """Exact paths without a trailing slash: ``/x`` (or ``/x/``) matches ``/x`` and ``/x/``, and
+    ``/x/*`` adds ``/x`` here and ``/x/`` to ``prefixes``."""
     prefixes: tuple[str, ...] = ()
     api_clients: frozenset[str] | None = None
     authenticated: bool | None = None
+    ignore_case: bool = False
+    """The gateway's ``pathMatching.caseSensitive: false``: paths are kept lowercase."""
 
     @classmethod
-    def build(cls, when: ExtAuthConditions) -> Matcher:
+    def build(cls, when: ExtAuthConditions, ignore_case: bool = False) -> Matcher:
+        paths = [p.lower() if ignore_case else p for p in when.paths]
         return cls(
             claims=tuple((tuple(k.split(".")), frozenset(v)) for k, v in sorted(when.claims.items())),
             headers=tuple((k, frozenset(v)) for k, v in sorted(when.headers.items())),
             networks=tuple(ipaddress.ip_network(c) for c in when.source_cidrs),
             methods=frozenset(when.methods),
-            paths=frozenset(p for p in when.paths if not p.endswith("/*")),
-            prefixes=tuple(p[:-1] for p in when.paths if p.endswith("/*")),
+            paths=frozenset(trim_slash(p.removesuffix("*")) for p in paths),
+            prefixes=tuple(p[:-1] for p in paths if p.endswith("/*")),
             api_clients=frozenset(when.api_keys) if when.api_keys else None,
-            authenticated=when.authenticated,
+            authenticated=when.authenticated, ignore_case=ignore_case,
         )
 
 
@@ -166,10 +175,15 @@ class CompiledPolicy:
     """Headers that go into the cache key: the ones rules read, plus credentials."""
     uses_source: bool
     uses_url: bool
-    """A sign-in redirect carries the full original URL, so the cache key includes the query."""
+    """A sign-in redirect carries the full original URL, or a token may come in a query parameter
+    (forward auth), so the cache key includes the query."""
     jwt: Jwt | None
     jwks_files: dict[str, str]
     """provider name → JWKS file content (forward-auth verifies tokens itself)."""
+    strip: tuple[str, ...] = ()
+    """Removed from the client's request on every allow (unless the decision sets them): every
+    header any rule, the identity headers or the API key client header can set, and the API key
+    header unless forwarded. Independent of the request, so a cached decision strips them too."""
 
 
 @dataclass(frozen=True)
@@ -184,16 +198,17 @@ class RuleTable:
         return cls("", {})
 
 
-def _rule(r: Any) -> Rule:
+def _rule(r: Any, ignore_case: bool) -> Rule:
     return Rule(
-        name=r.name, allow=r.action == "allow", match=Matcher.build(r.when),
+        name=r.name, allow=r.action == "allow", match=Matcher.build(r.when, ignore_case),
         upstream=tuple(sorted(r.upstream_headers.items())), remove=tuple(r.remove_headers),
         response=tuple(sorted(r.response_headers.items())), status=r.deny.status, body=r.deny.body,
         headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in)
 
 
-def compile_policy(item: Item[AuthPolicy], files: dict[str, str]) -> CompiledPolicy:
-    """One policy's builtin rules. Files are read from ``files`` (what validation read) first."""
+def compile_policy(item: Item[AuthPolicy], files: dict[str, str], ignore_case: bool = False) -> CompiledPolicy:
+    """One policy's builtin rules. Files are read from ``files`` (what validation read) first;
+    ``ignore_case``: the target's gateway matches paths ignoring case."""
     ext = item.obj.spec.ext_auth
     assert ext is not None and ext.rules is not None
     keys = None
@@ -201,8 +216,7 @@ def compile_policy(item: Item[AuthPolicy], files: dict[str, str]) -> CompiledPol
         path = key_file_path(item, ext.api_keys)
         text = files.get(path)
         if text is None:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = read_file(path).decode("utf-8")
         keys = KeyTable.build(ext.api_keys, text)
     jwt = item.obj.spec.jwt
     jwks_files: dict[str, str] = {}
@@ -210,14 +224,30 @@ def compile_policy(item: Item[AuthPolicy], files: dict[str, str]) -> CompiledPol
         if prov.jwks.file is not None:
             path, text = read_jwks_file(item, prov.jwks)
             jwks_files[prov.name] = files.get(path, text)
+    sources = [src for prov in jwt.providers for src in prov.from_ or []] if jwt else []
     credentials = ["authorization", "cookie"] + ([keys.header] if keys else [])
+    credentials += [src.header for src in sources if src.header]  # forward auth reads tokens there
     key_headers = tuple(sorted(set(credentials) | set(read_headers(ext))))
+    strip = upstream_headers(ext) + ([keys.header] if keys and not keys.forward else [])
     return CompiledPolicy(
-        name=item.name, rules=tuple(_rule(r) for r in ext.rules), keys=keys,
+        name=item.name, rules=tuple(_rule(r, ignore_case) for r in ext.rules), keys=keys,
         identity_headers=ext.identity_headers, allow_ttl=ext.cache.allow_ttl,
         deny_ttl=ext.cache.deny_ttl, key_headers=key_headers,
         uses_source=any(r.when.source_cidrs for r in ext.rules),
-        uses_url=any(r.deny.sign_in for r in ext.rules), jwt=jwt, jwks_files=jwks_files)
+        uses_url=any(r.deny.sign_in for r in ext.rules) or any(src.query for src in sources),
+        jwt=jwt, jwks_files=jwks_files,
+        strip=tuple(h.lower() for h in strip))
+
+
+def _case_sensitive(policies: Policies, item: Item[AuthPolicy]) -> bool:
+    """The ``pathMatching.caseSensitive`` of the gateway the policy's target belongs to."""
+    ref = item.obj.spec.target_ref
+    name = ref.name
+    if ref.kind == "Route":
+        route = policies.routes.get(ref.name)
+        name = route.obj.spec.gateway if route else ""
+    gateway = policies.gateways.get(name)
+    return gateway is None or gateway.obj.spec.path_matching.case_sensitive
 
 
 def compile_table(policies: Policies, version: str) -> RuleTable:
@@ -227,7 +257,7 @@ def compile_table(policies: Policies, version: str) -> RuleTable:
     for name, item in policies.policies.items():
         ext = item.obj.spec.ext_auth
         if ext is not None and ext.service == "builtin" and ext.rules is not None:
-            compiled[name] = compile_policy(item, policies.files)
+            compiled[name] = compile_policy(item, policies.files, not _case_sensitive(policies, item))
     digest = hashlib.sha256(version.encode())
     for path in sorted(policies.files):
         digest.update(f"\0{path}\0".encode() + policies.files[path].encode())

@@ -21,9 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from authplane.authz.decider import Decider
 from authplane.authz.grpc_api import GrpcFrontend
-from authplane.authz.http_api import HttpFrontend
+from authplane.authz.http_api import HttpFrontend, http_server
 from authplane.authz.metrics import Metrics
 from authplane.authz.rules import RuleTable, compile_table
+from authplane.authz.tokens import cancel_fetches
 from authplane.policy.loader import Policies
 
 log = logging.getLogger("authplane.authz")
@@ -83,7 +84,7 @@ class AuthzService:
             await self._grpc.start()
         if http_addr:
             host, port = split_address(http_addr)
-            self._http = web.Server(HttpFrontend(self.decider).handle, access_log=None)
+            self._http = http_server(HttpFrontend(self.decider))
             loop = asyncio.get_running_loop()
             self._site = await loop.create_server(self._http, host, port, reuse_port=reuse_port or None,
                                                   backlog=1024)
@@ -101,3 +102,4 @@ class AuthzService:
                 await self._http.shutdown(grace)
             await self._site.wait_closed()
             self._site = self._http = None
+        await cancel_fetches()

@@ -1,7 +1,13 @@
-"""The decision service as a component of ``authplane serve``: in the server's own process, or
-in ``--authz-workers N`` processes sharing its ports. Either way each policy revision's rules are
-swapped in before Envoys are sent that revision's configuration, so decisions and config change
-together."""
+"""The decision service as a component of ``authplane serve``: in ``--authz-workers N``
+processes sharing its ports (default one), or in the server's own process (``N = 0``). Either way
+each policy revision's rules are swapped in before Envoys are sent that revision's configuration,
+so decisions and config change together.
+
+Out of process is the default because checks then never wait on the control plane: a reload of
+a large repository holds the server's GIL and event loop for seconds (loading, compiling,
+packing snapshots), while a worker only swaps in a compiled rule table. Moving only the reload to
+a child process would still leave the packing, the rule-table compile and every xDS stream on the
+loop the checks share."""
 
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ def revision_version(rev: Revision) -> str:
 
 
 class InProcess:
-    """The decision service on the server's event loop."""
+    """The decision service on the server's event loop (``--authz-workers 0``)."""
 
     def __init__(self, grpc_addr: str | None, http_addr: str | None) -> None:
         self.service = AuthzService()
@@ -84,3 +90,8 @@ class Workers:
             return {}
         found = {"authz_grpc": self.pool.grpc_addr, "authz_http": self.pool.http_addr}
         return {k: v for k, v in found.items() if v}
+
+
+def decision_service(workers: int, grpc_addr: str | None, http_addr: str | None) -> InProcess | Workers:
+    """The component ``serve --authz-workers N`` runs: N processes, or in-process for 0."""
+    return Workers(workers, grpc_addr, http_addr) if workers else InProcess(grpc_addr, http_addr)

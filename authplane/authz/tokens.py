@@ -1,16 +1,20 @@
 """JWT verification for the forward-auth endpoint (nginx and Traefik have no jwt_authn filter).
 
 Envoy verifies tokens itself and sends the payload; this module gives the forward-auth endpoint
-the same semantics from a policy's ``jwt`` section: token from the configured header, cookie or
-query parameter; RS256/384/512, PS256/384/512 and ES256/384 signatures; issuer, audiences,
-``exp``/``nbf`` with the clock skew. Remote JWKS are fetched and cached for ``cacheDuration``.
+the same semantics from a policy's ``jwt`` section, with joserfc doing the JOSE work: token from
+the configured header, cookie or query parameter; the algorithms Envoy accepts, each only with
+a key of its type (so ``none`` and an RSA public key used as an HMAC secret never verify);
+issuer, audiences (403 when wrong, as Envoy), and ``exp``/``nbf``/``iat`` as Envoy's
+jwt_verify_lib reads them: a JSON number in [0, 2^64), compared with the clock skew. Remote JWKS
+are fetched once for all waiting checks and refreshed in the background (``KeySet``).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
+import contextlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
@@ -18,15 +22,24 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import aiohttp
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import Key, import_key
+from joserfc.jws import JWSRegistry
 
 from authplane.policy.model import Jwks, Jwt, JwtProvider
 
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
-_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+log = logging.getLogger("authplane.authz")
+ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+              "EdDSA", "HS256", "HS384", "HS512")
+"""What Envoy's jwt_authn accepts; each verifies only with a JWKS key of its own type."""
+RETRY = 5.0
+"""Seconds before a failed refresh is retried (cached keys keep serving meanwhile)."""
+_REGISTRY = JWSRegistry(algorithms=ALGORITHMS, strict_check_header=False)
+"""Envoy reads ``alg`` and ``kid`` and ignores other header fields; so does this."""
+_MAX_DATE = 2.0**64
+_STRING_CLAIMS = ("iss", "sub", "jti")
+_DATE_CLAIMS = ("exp", "nbf", "iat")
 
 
 class InvalidToken(Exception):
@@ -38,82 +51,77 @@ class InvalidToken(Exception):
         self.status = status
 
 
-def _b64(part: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        raise InvalidToken("malformed token") from None
+Keys = list[tuple[str | None, Key]]
+"""A JWKS as (kid, key) pairs; a key without ``kid`` may verify any token, as in Envoy."""
 
 
-def _int(value: str) -> int:
-    return int.from_bytes(_b64(value), "big")
-
-
-def public_key(jwk: dict[str, Any]) -> Any:
-    kty = jwk.get("kty")
-    if kty == "RSA":
-        return rsa.RSAPublicNumbers(_int(jwk["e"]), _int(jwk["n"])).public_key()
-    if kty == "EC" and jwk.get("crv") in _CURVES:
-        curve = _CURVES[jwk["crv"]]()
-        return ec.EllipticCurvePublicNumbers(_int(jwk["x"]), _int(jwk["y"]), curve).public_key()
-    return None
-
-
-def _verify(key: Any, alg: str, signed: bytes, sig: bytes) -> None:
-    digest = _HASHES.get(alg[2:])
-    if digest is None:
-        raise InvalidToken(f"unsupported algorithm {alg!r}")
-    try:
-        if alg.startswith("RS") and isinstance(key, rsa.RSAPublicKey):
-            key.verify(sig, signed, padding.PKCS1v15(), digest())
-        elif alg.startswith("PS") and isinstance(key, rsa.RSAPublicKey):
-            key.verify(sig, signed, padding.PSS(padding.MGF1(digest()), digest.digest_size), digest())
-        elif alg.startswith("ES") and isinstance(key, ec.EllipticCurvePublicKey):
-            half = len(sig) // 2
-            der = encode_dss_signature(int.from_bytes(sig[:half], "big"), int.from_bytes(sig[half:], "big"))
-            key.verify(der, signed, ec.ECDSA(digest()))
-        else:
-            raise InvalidToken(f"algorithm {alg!r} does not fit the key")
-    except InvalidSignature:
-        raise InvalidToken("bad signature") from None
+def _import(data: Any) -> Keys:
+    keys: Keys = []
+    for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+        try:
+            keys.append((jwk.get("kid"), import_key(jwk)))
+        except (JoseError, AttributeError, KeyError, TypeError, ValueError):
+            continue  # an unusable key: the others still count
+    return keys
 
 
 class KeySet:
-    """The keys of one provider's JWKS (file and inline: fixed; uri: fetched and cached)."""
+    """The keys of one provider's JWKS (file and inline: fixed; uri: fetched and cached).
+
+    A remote JWKS is fetched by one task at a time whatever the number of waiting checks. Once
+    keys are known, checks never wait for a refresh: after ``cacheDuration`` a background
+    refresh starts and the cached keys serve until it succeeds. Before the first success a
+    check waits for the fetch in flight at most the JWKS ``timeout``."""
 
     def __init__(self, jwks: Jwks, file_text: str | None) -> None:
         self.spec = jwks
-        self._keys: list[tuple[str | None, Any]] = []
-        self._fetched = 0.0
+        self._keys: Keys = []
+        self._loaded = jwks.uri is None
+        self._expires = 0.0
+        self._fetch: asyncio.Task[None] | None = None
         if jwks.inline is not None:
-            self._load(jwks.inline)
+            self._keys = _import(jwks.inline)
         elif file_text is not None:
-            self._load(json.loads(file_text))
+            self._keys = _import(json.loads(file_text))
 
-    def _load(self, data: Any) -> None:
-        keys = []
-        for jwk in data.get("keys", []) if isinstance(data, dict) else []:
-            try:
-                key = public_key(jwk)
-            except (KeyError, TypeError, ValueError, InvalidToken):
-                key = None
-            if key is not None:
-                keys.append((jwk.get("kid"), key))
-        self._keys = keys
-
-    async def keys(self) -> list[tuple[str | None, Any]]:
-        uri = self.spec.uri
-        if uri and time.monotonic() - self._fetched > self.spec.cache_duration:
-            timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
-            try:
-                async with aiohttp.ClientSession(timeout=timeout) as session, session.get(uri) as r:
-                    r.raise_for_status()
-                    self._load(await r.json(content_type=None))
-                    self._fetched = time.monotonic()
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                if not self._keys:
-                    raise InvalidToken("JWKS unavailable") from None
+    async def keys(self) -> Keys:
+        if self.spec.uri is None or (self._loaded and time.monotonic() < self._expires):
+            return self._keys
+        if self._fetch is None or self._fetch.done():
+            self._fetch = asyncio.ensure_future(self._refresh(self.spec.uri))
+            _FETCHES.add(self._fetch)  # the loop holds tasks weakly; a reload drops this KeySet
+            self._fetch.add_done_callback(_FETCHES.discard)
+        if not self._loaded:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._fetch), self.spec.timeout)
+            if not self._loaded:
+                raise InvalidToken("JWKS unavailable")
         return self._keys
+
+    async def _refresh(self, uri: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(uri) as r:
+                r.raise_for_status()
+                keys = _import(await r.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.warning("JWKS %s: fetch failed (%s)", uri, type(e).__name__)
+            self._expires = time.monotonic() + min(self.spec.cache_duration, RETRY)
+            return
+        self._keys, self._loaded = keys, True
+        self._expires = time.monotonic() + self.spec.cache_duration
+
+
+_FETCHES: set[asyncio.Task[None]] = set()
+
+
+async def cancel_fetches() -> None:
+    """Stop the JWKS fetches of this event loop (at shutdown)."""
+    loop = asyncio.get_running_loop()
+    mine = [t for t in _FETCHES if t.get_loop() is loop]
+    for task in mine:
+        task.cancel()
+    await asyncio.gather(*mine, return_exceptions=True)
 
 
 def _find_token(prov: JwtProvider, headers: Mapping[str, str], query: str) -> str | None:
@@ -142,6 +150,67 @@ def _find_token(prov: JwtProvider, headers: Mapping[str, str], query: str) -> st
     return None
 
 
+def _audience(aud: str) -> str:
+    """Envoy compares audiences without an ``http(s)://`` scheme or a trailing slash."""
+    for scheme in ("https://", "http://"):
+        aud = aud.removeprefix(scheme)
+    return aud.removesuffix("/")
+
+
+def check_claims(prov: JwtProvider, claims: dict[str, Any], now: float) -> None:
+    """The claim checks of Envoy's jwt_authn (types first, then issuer, time, audiences)."""
+    for name in _STRING_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            raise InvalidToken(f"claim {name!r} is not a string")
+    dates: dict[str, int] = {}
+    for name in _DATE_CLAIMS:
+        if name in claims:
+            value = claims[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < _MAX_DATE:
+                raise InvalidToken(f"claim {name!r} is not a valid time")
+            dates[name] = int(value)
+    aud = claims.get("aud", [])
+    auds = [aud] if isinstance(aud, str) else aud
+    if not isinstance(auds, list) or not all(isinstance(a, str) for a in auds):
+        raise InvalidToken("claim 'aud' is not a string or a list of strings")
+    if prov.issuer and claims.get("iss") != prov.issuer:
+        raise InvalidToken("wrong issuer")
+    skew = prov.clock_skew
+    if dates.get("nbf", 0) > now + skew:
+        raise InvalidToken("token not yet valid")
+    if dates.get("exp", 0) and dates["exp"] < now - skew:
+        raise InvalidToken("expired token")
+    if prov.audiences and not {_audience(a) for a in auds} & {_audience(a) for a in prov.audiences}:
+        raise InvalidToken("wrong audience", 403)
+
+
+def _signed_claims(keys: Keys, token: str) -> dict[str, Any]:
+    """The payload of ``token`` if one of ``keys`` verifies its signature."""
+    try:
+        obj = jws.extract_compact(token.encode(), registry=_REGISTRY)
+        kid = obj.headers().get("kid")
+    except (JoseError, ValueError, TypeError, AttributeError):
+        raise InvalidToken("malformed token") from None
+    candidates = [k for kid_, k in keys if kid is None or kid_ in (None, kid)]
+    if not candidates:
+        raise InvalidToken("no key for this token")
+    for key in candidates:
+        try:
+            if jws.validate_compact(obj, key, registry=_REGISTRY):
+                break
+        except (JoseError, ValueError, TypeError):
+            continue  # an algorithm this key cannot verify (or none allowed)
+    else:
+        raise InvalidToken("bad signature")
+    try:
+        claims = json.loads(obj.payload)
+    except ValueError:
+        raise InvalidToken("malformed token") from None
+    if not isinstance(claims, dict):
+        raise InvalidToken("malformed token")
+    return claims
+
+
 class Verifier:
     """A policy's ``jwt`` section: any one provider's valid token is accepted."""
 
@@ -159,7 +228,9 @@ class Verifier:
                 continue
             present = True
             try:
-                return await self._check(prov, keyset, token)
+                claims = _signed_claims(await keyset.keys(), token)
+                check_claims(prov, claims, time.time())
+                return claims
             except InvalidToken as e:
                 problem = e
         if present:
@@ -167,47 +238,3 @@ class Verifier:
         if self.required:
             raise InvalidToken("missing token")
         return None
-
-    async def _check(self, prov: JwtProvider, keyset: KeySet, token: str) -> dict[str, Any]:
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise InvalidToken("malformed token")
-        try:
-            header = json.loads(_b64(parts[0]))
-            claims = json.loads(_b64(parts[1]))
-        except ValueError:
-            raise InvalidToken("malformed token") from None
-        if not isinstance(header, dict) or not isinstance(claims, dict):
-            raise InvalidToken("malformed token")
-        alg, kid = str(header.get("alg", "")), header.get("kid")
-        signed, sig = f"{parts[0]}.{parts[1]}".encode(), _b64(parts[2])
-        candidates = [k for kid_, k in await keyset.keys() if kid is None or kid_ in (None, kid)]
-        if not candidates:
-            raise InvalidToken("no key for this token")
-        last: InvalidToken | None = None
-        for key in candidates:
-            try:
-                _verify(key, alg, signed, sig)
-                break
-            except InvalidToken as e:
-                last = e
-        else:
-            raise last or InvalidToken("bad signature")
-        self._claims(prov, claims)
-        return claims
-
-    @staticmethod
-    def _claims(prov: JwtProvider, claims: dict[str, Any]) -> None:
-        now, skew = time.time(), prov.clock_skew
-        if prov.issuer and claims.get("iss") != prov.issuer:
-            raise InvalidToken("wrong issuer")
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if isinstance(exp, int | float) and exp + skew < now:
-            raise InvalidToken("expired token")
-        if isinstance(nbf, int | float) and nbf - skew > now:
-            raise InvalidToken("token not yet valid")
-        if prov.audiences:
-            aud = claims.get("aud")
-            auds = aud if isinstance(aud, list) else [aud]
-            if not any(a in prov.audiences for a in auds):
-                raise InvalidToken("wrong audience", 403)

@@ -1,5 +1,7 @@
 """One worker process of ``workers.start_workers``: args GRPC_ADDR HTTP_ADDR (empty: off);
-rule tables arrive on stdin (length-prefixed pickles from the parent); EOF stops it."""
+rule tables arrive on stdin (length-prefixed pickles from the parent), each acknowledged with a
+``swapped`` line once it decides checks; EOF stops it. The first table is swapped in before the
+worker listens, so no check is ever answered without rules ("unknown policy")."""
 
 from __future__ import annotations
 
@@ -7,23 +9,43 @@ import asyncio
 import pickle
 import sys
 import threading
+from typing import BinaryIO
 
+from authplane.authz.rules import RuleTable
 from authplane.authz.service import AuthzService
 
 
+def read_table(stream: BinaryIO) -> RuleTable | None:
+    """The next table from the parent, or None at EOF."""
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    table = pickle.loads(stream.read(int.from_bytes(head, "big")))
+    assert isinstance(table, RuleTable)
+    return table
+
+
+def _acknowledge() -> None:
+    sys.stdout.write("swapped\n")
+    sys.stdout.flush()
+
+
 def _reader(loop: asyncio.AbstractEventLoop, svc: AuthzService, done: asyncio.Event) -> None:
-    stream = sys.stdin.buffer
-    while True:
-        head = stream.read(4)
-        if len(head) < 4:
-            break
-        data = stream.read(int.from_bytes(head, "big"))
-        loop.call_soon_threadsafe(svc.update_table, pickle.loads(data))
+    def swap(table: RuleTable) -> None:
+        svc.update_table(table)
+        _acknowledge()
+
+    while (table := read_table(sys.stdin.buffer)) is not None:
+        loop.call_soon_threadsafe(swap, table)
     loop.call_soon_threadsafe(done.set)
 
 
 async def main(grpc_addr: str, http_addr: str) -> None:
     svc = AuthzService()
+    first = read_table(sys.stdin.buffer)
+    if first is None:
+        return
+    svc.update_table(first)
     await svc.start(grpc_addr or None, http_addr or None, reuse_port=True)
     done = asyncio.Event()
     threading.Thread(target=_reader, args=(asyncio.get_running_loop(), svc, done), daemon=True).start()

@@ -10,8 +10,10 @@ prometheus-client's multiprocess mode.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import select
 import shutil
 import socket
 import struct
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import ExitStack, suppress
 
 from prometheus_client import CollectorRegistry
@@ -28,6 +31,9 @@ from authplane.authz.rules import RuleTable, compile_table
 from authplane.policy.loader import Policies
 
 _LEN = struct.Struct("!I")
+ACK_TIMEOUT = 5.0
+"""How long ``update_table`` waits for every worker to say it decides with the new table."""
+log = logging.getLogger("authplane.authz")
 
 
 def _reserve(address: str, stack: ExitStack) -> str:
@@ -43,6 +49,22 @@ def _reserve(address: str, stack: ExitStack) -> str:
     return f"[{host}]:{s.getsockname()[1]}" if family == socket.AF_INET6 else f"{host}:{s.getsockname()[1]}"
 
 
+def _expect(p: subprocess.Popen[bytes], word: bytes, timeout: float) -> bool:
+    """Read one line of ``p``'s stdout; True if it is ``word``. Never blocks beyond ``timeout``
+    (reads the pipe itself, byte by byte, so that no line waits in a buffer select cannot see)."""
+    assert p.stdout is not None
+    fd, line, deadline = p.stdout.fileno(), b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False
+        byte = os.read(fd, 1)
+        if not byte:
+            return False  # the worker exited
+        line += byte
+    return line.strip() == word
+
+
 class WorkerPool:
     def __init__(self, procs: list[subprocess.Popen[bytes]], grpc_addr: str | None,
                  http_addr: str | None, metrics_dir: str) -> None:
@@ -56,13 +78,19 @@ class WorkerPool:
     def update(self, policies: Policies, version: str) -> None:
         self.update_table(compile_table(policies, version))
 
-    def update_table(self, table: RuleTable) -> None:
+    def update_table(self, table: RuleTable, wait: bool = True) -> None:
+        """Send ``table`` to every worker and, with ``wait``, return once each one decides with it
+        (so that Envoys are sent a revision only after its rules are in place)."""
         data = pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             for p in self.procs:
                 assert p.stdin is not None
                 p.stdin.write(_LEN.pack(len(data)) + data)
                 p.stdin.flush()
+            if wait:
+                for p in self.procs:
+                    if not _expect(p, b"swapped", ACK_TIMEOUT):
+                        log.warning("decision worker %d did not confirm rules %s", p.pid, table.version)
 
     def stop(self, timeout: float = 5.0) -> None:
         for p in self.procs:
@@ -95,12 +123,10 @@ def start_workers(n: int, grpc_addr: str | None = "127.0.0.1:9001",
             for _ in range(n):
                 procs.append(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                               env=env))
-            if table is not None:
-                pool.update_table(table)
+            pool.update_table(table or RuleTable.empty(), wait=False)  # swapped in before it listens
             for p in procs:
-                assert p.stdout is not None
-                line = p.stdout.readline()  # "ready" once listening
-                if not line.startswith(b"ready"):
+                if not _expect(p, b"ready", timeout):
+                    p.kill()
                     raise RuntimeError(f"decision worker exited with {p.wait(timeout)}")
         except BaseException:
             pool.stop()

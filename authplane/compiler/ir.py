@@ -113,6 +113,10 @@ class ListenerIR:
     checks: Checks | None  # gateway level
     virtual_hosts: tuple[VirtualHostIR, ...]
     origin: Origin
+    case_sensitive: bool = True
+    """The gateway's ``pathMatching``: path rules and route path matches heed case."""
+    reject_ambiguous: bool = True
+    """The gateway's ``pathMatching``: a guard route answers 400 to ambiguous paths."""
 
     @property
     def route_config_name(self) -> str:

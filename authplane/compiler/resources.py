@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import protocol_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -60,17 +62,32 @@ def listener(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> listener_pb2.Lis
     )
 
 
-def _match(route: RouteIR) -> rc.RouteMatch:
+AMBIGUOUS_PATH = r".*(?:;|%3[Bb]|\.$|\./).*"
+"""A path (normalised, without the query) with a path parameter or a segment ending in a dot. Envoy
+keeps ``;`` and ``%3B`` and resolves only the ``.`` and ``..`` segments, while backends such as
+Tomcat or IIS serve ``/a;x``, ``/a.`` and ``/a./b`` as ``/a`` and ``/a/b``: refused, so that no path
+rule is dodged with them."""
+GUARD_ROUTE = "authplane:ambiguous-path"
+
+
+def _match(route: RouteIR, case_sensitive: bool) -> rc.RouteMatch:
+    """Route paths as path rules read them: an exact path also matches with a trailing slash (else
+    ``/x/`` would fall through to a route without the policy of ``/x``)."""
     m = route.match
     out = rc.RouteMatch()
-    if m.path is not None:
-        out.path = m.path
+    flags = "" if case_sensitive else "(?i)"
+    if m.path is not None and m.path != "/":
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=f"{flags}{re.escape(m.path.rstrip('/'))}/?"))
+    elif m.path is not None:
+        out.path = "/"
     elif m.path_regex is not None:
-        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.path_regex))
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=flags + m.path_regex))
     elif m.path_prefix in (None, "/"):
         out.prefix = "/"
     else:
         out.path_separated_prefix = (m.path_prefix or "").rstrip("/")
+    if not case_sensitive and out.HasField("path_separated_prefix"):
+        out.case_sensitive.value = False
     for header, value in sorted(m.headers.items()):
         out.headers.append(rc.HeaderMatcher(name=header, string_match=string_pb2.StringMatcher(exact=value)))
     if m.methods:
@@ -95,11 +112,19 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
         vhost = out.virtual_hosts.add(name=vh.name, domains=vh.domains)
         for key in sorted(vhost_cfg):
             vhost.typed_per_filter_config[key].CopyFrom(vhost_cfg[key])
+        if lst.reject_ambiguous:
+            # First route of every host, no check on it: refused before any filter could let it by.
+            guard = vhost.routes.add(
+                name=GUARD_ROUTE, match=rc.RouteMatch(safe_regex=regex_pb2.RegexMatcher(regex=AMBIGUOUS_PATH)),
+                direct_response=rc.DirectResponseAction(status=400, body=base_pb2.DataSource(
+                    inline_string="authplane: ambiguous path (a ';' or a segment ending in '.')\n")))
+            for f in auth_filters:
+                guard.typed_per_filter_config[f].CopyFrom(_disabled())
         for r in vh.routes:
             action = rc.RouteAction(cluster=r.cluster)
             if r.timeout is not None:
                 action.timeout.CopyFrom(duration(r.timeout))
-            route = vhost.routes.add(name=r.name, match=_match(r), route=action)
+            route = vhost.routes.add(name=r.name, match=_match(r, lst.case_sensitive), route=action)
             per: dict[str, any_pb2.Any] = {}
             if r.public:
                 per = {f: _disabled() for f in auth_filters}

@@ -50,7 +50,7 @@ def _checks(p: Policies, pol: Item[AuthPolicy], level: str, fleet: FleetIR,
         files = {}
         for prov in spec.jwt.providers:
             if prov.jwks.file is not None:
-                path, text = read_jwks_file(pol, prov.jwks)
+                path, text = read_jwks_file(pol, prov.jwks, p.max_file_size)
                 files[prov.name] = p.files.get(path, text)
         jwt = JwtIR(pol.name, spec.jwt, files)
     ext = None
@@ -122,8 +122,7 @@ def _policy_file(p: Policies, pol: Item[AuthPolicy], rel: str) -> tuple[str, str
     """(path, content) of a file a policy names, as validation read it."""
     path = policy_file_path(pol, rel)
     if path not in p.files:
-        with open(path, encoding="utf-8") as f:
-            p.files[path] = f.read()
+        p.files[path] = p.read_text(path)
     return path, p.files[path]
 
 
@@ -196,7 +195,9 @@ def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]
             fleet.listeners.append(ListenerIR(
                 name=f"{gw.name}/{lst.name}", gateway=gw.name, address=lst.address, port=lst.port,
                 xff_num_trusted_hops=gw.obj.spec.xff_num_trusted_hops, checks=gw_checks,
-                virtual_hosts=tuple(vhosts), origin=origin(gw)))
+                virtual_hosts=tuple(vhosts), origin=origin(gw),
+                case_sensitive=gw.obj.spec.path_matching.case_sensitive,
+                reject_ambiguous=gw.obj.spec.path_matching.reject_ambiguous))
     for fleet in fleets.values():
         fleet.listeners.sort(key=lambda x: x.name)
         fleet.clusters = dict(sorted(fleet.clusters.items()))

@@ -1,4 +1,7 @@
-"""The admin HTTP endpoint (``/status``, ``/metrics``, ``/healthz``) and ``authplane status``."""
+"""The admin HTTP endpoint (``/status``, ``/metrics``, ``/healthz``, ``/readyz``) and ``authplane status``.
+
+``/healthz`` is liveness (the process answers); ``/readyz`` is 503 until a valid policy revision
+is served (``serve --allow-empty`` on a broken directory), 200 from then on."""
 
 from __future__ import annotations
 
@@ -19,15 +22,25 @@ log = logging.getLogger("authplane.admin")
 StatusFn = Callable[[], Awaitable[dict[str, Any]]]
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``, ``\\n``):
+    what clients send (node ids, Envoy's error details) cannot move the cursor or fake rows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class AdminServer:
     """A component of ``serve`` (see ``app.Component``). ``registries`` are concatenated on
     ``/metrics``; components that bring their own registry append theirs."""
 
-    def __init__(self, address: str, status: StatusFn, registries: list[CollectorRegistry]) -> None:
+    def __init__(self, address: str, status: StatusFn, registries: list[CollectorRegistry],
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self.requested = address
         self.address = address
         self.registries = registries
         self._status = status
+        self._ready = ready
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -36,6 +49,7 @@ class AdminServer:
         app.router.add_get("/status", self._get_status)
         app.router.add_get("/metrics", self._get_metrics)
         app.router.add_get("/healthz", self._get_healthz)
+        app.router.add_get("/readyz", self._get_readyz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
@@ -46,7 +60,7 @@ class AdminServer:
         bound = runner.addresses[0]
         self.address = f"{host}:{bound[1]}"
         self._runner = runner
-        log.info("admin (/status, /metrics, /healthz) on http://%s", self.address)
+        log.info("admin (/status, /metrics, /healthz, /readyz) on http://%s", self.address)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -62,6 +76,11 @@ class AdminServer:
 
     async def _get_healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def _get_readyz(self, request: web.Request) -> web.Response:
+        if self._ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: no valid policy revision loaded yet\n")
 
 
 # -- authplane status ------------------------------------------------------------------------
@@ -84,9 +103,9 @@ def fetch_status(address: str, timeout: float = 5) -> dict[str, Any]:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
-            for row in (header, *rows)]
+    cells = [[printable(str(c)) for c in row] for row in (header, *rows)]
+    widths = [max(len(c) for c in col) for col in zip(*cells, strict=False)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
 
 
 def _acked(node: dict[str, Any]) -> str:
@@ -122,10 +141,16 @@ def format_status(doc: dict[str, Any]) -> str:
             for n in nodes]
     lines += table(("NODE", "FLEET", "PROTOCOL", "STATE", "ACKED VERSION", "CONNECTED SINCE"), rows)
     for n in nodes:
+        node_id = printable(n["id"])
+        if n.get("state") == "waiting":
+            lines.append(f"{node_id}: sent nothing yet (no valid policy revision loaded); it keeps what it runs")
+        for other in n.get("other_streams", ()):
+            lines.append(f"{node_id}: another stream claims this id ({printable(other['protocol'])} from "
+                         f"{printable(other['peer'])} since {other['connected_since']}); not shown above")
         rej = n.get("last_rejection")
         if rej:
-            lines.append(f"{n['id']}: {'REJECTS' if rej['active'] else 'rejected (resolved)'} {rej['type']} "
-                         f"of version {rej['version']} at {rej['at']}:")
-            lines.append(f"  envoy: {rej['error_detail']}")
-            lines += [f"  from {s}" for s in rej["sources"]]
+            lines.append(f"{node_id}: {'REJECTS' if rej['active'] else 'rejected (resolved)'} "
+                         f"{printable(rej['type'])} of version {rej['version']} at {rej['at']}:")
+            lines.append(f"  envoy: {printable(rej['error_detail'])}")
+            lines += [f"  from {printable(s)}" for s in rej["sources"]]
     return "\n".join(lines) + "\n"

@@ -61,7 +61,7 @@ class ControlPlane:
         self.tracker = Tracker(self.cache, self.metrics)
         self.store = PolicyStore(config.directory, config.options, self.metrics, self._publish)
         self.xds = XdsServer(config.xds, self.cache, self.tracker)
-        self.admin = AdminServer(config.admin, self.status, [self.metrics.registry])
+        self.admin = AdminServer(config.admin, self.status, [self.metrics.registry], self.ready)
         self.watcher = PolicyWatcher(self.store)
         self.components: list[Component] = [self.xds, self.admin]
         self._started: list[Component] = []
@@ -81,7 +81,8 @@ class ControlPlane:
 
     def load(self, allow_empty: bool = False) -> None:
         """The start-up load. Without ``allow_empty`` an invalid directory raises PolicyError
-        (or CompileError); with it, nothing is served until the directory becomes valid."""
+        (or CompileError); with it, nothing is served until the directory becomes valid: streams
+        get no response (an Envoy keeps the config it has) and ``/readyz`` answers 503."""
         try:
             self.store.load()
         except (PolicyError, CompileError) as e:
@@ -104,7 +105,12 @@ class ControlPlane:
                 addresses.update(getattr(component, "addresses", dict)())
             write_atomic(self.config.address_file, json.dumps(addresses))
 
+    def ready(self) -> bool:
+        """A valid revision is served (``/readyz``); false while ``--allow-empty`` waits for one."""
+        return self.cache.ready
+
     async def stop(self) -> None:
+        self.store.abandon()  # a reload in progress must not hold the watcher (and the process) up
         while self._started:
             component = self._started.pop()
             try:
@@ -113,7 +119,8 @@ class ControlPlane:
                 log.exception("stopping %s failed", type(component).__name__)
 
     async def serve_forever(self) -> int:
-        """Serve until SIGINT or SIGTERM, then close every stream and server; returns 0."""
+        """Serve until SIGINT or SIGTERM, then close every stream and server; returns 0 (a
+        requested stop is a clean exit, even mid-reload: the reload is dropped)."""
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -63,9 +63,12 @@ class Watcher(Protocol):
 
 
 class SnapshotCache:
-    """Fleet → ``Prepared`` snapshot. An Envoy of an unknown fleet is served an empty one."""
+    """Fleet → ``Prepared`` snapshot. An Envoy of an unknown fleet is served an empty one, but
+    only once a valid revision exists: until ``ready``, streams answer nothing, so an Envoy keeps
+    whatever it runs (a restart with a broken directory must not wipe the fleet)."""
 
     def __init__(self) -> None:
+        self.ready = False
         self._fleets: dict[str, Prepared] = {}
         self._empty: dict[str, Prepared] = {}
         self._watchers: dict[str, set[Watcher]] = defaultdict(set)
@@ -98,7 +101,9 @@ class SnapshotCache:
                 changed.append(fleet)
         self._fleets = fleets
         self._empty = {}
-        for fleet in changed:
+        notify = changed if self.ready else sorted(set(changed) | set(self._watchers))
+        self.ready = True  # the first valid revision: every waiting stream answers now
+        for fleet in notify:
             for watcher in list(self._watchers.get(fleet, ())):
                 watcher.snapshot_changed()
         return changed

@@ -13,7 +13,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from authplane.controlplane.cache import WILDCARD_TYPES
-from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, error_message
+from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, check_names, error_message
 
 ABSENT = ""
 """``known`` value of a subscribed name the client was told does not exist."""
@@ -25,6 +25,10 @@ class DeltaStream(Stream):
     async def on_request(self, request: Any, ts: TypeState) -> None:
         type_url = request.type_url
         subscribe = list(request.resource_names_subscribe)
+        for what, names in (("resource_names_subscribe", subscribe),
+                            ("resource_names_unsubscribe", request.resource_names_unsubscribe),
+                            ("initial_resource_versions", request.initial_resource_versions)):
+            check_names(names, what)
         if not ts.started:
             ts.started = True
             ts.wildcard = type_url in WILDCARD_TYPES and not subscribe  # legacy wildcard
@@ -42,12 +46,14 @@ class DeltaStream(Stream):
                 ts.subscribed.discard(name)
                 if not ts.wildcard:
                     ts.known.pop(name, None)
+        check_names(ts.subscribed, "the subscription")
         if self.settle(type_url, ts, request.response_nonce, error_message(request)):
             ts.waiting = True
         await self.respond(type_url, ts)
 
     async def respond(self, type_url: str, ts: TypeState) -> None:
-        assert self.prepared is not None
+        if self.prepared is None:
+            return  # nothing valid loaded yet: the client keeps what it has
         current = self.prepared.resources.get(type_url, {})
         versions = self.prepared.versions(type_url)
         wanted = current if ts.wildcard else sorted(ts.subscribed)

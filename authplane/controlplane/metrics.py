@@ -11,7 +11,13 @@ MAX_PROBLEM_SERIES = 20
 
 
 def type_label(type_url: str) -> str:
-    """``clusters``, ``endpoints``, ``listeners``, ``routes``; other types by message name."""
+    """``clusters``, ``endpoints``, ``listeners``, ``routes``, ``secrets``; any other type (a
+    client may send any string) is ``other``, so clients cannot create metric series."""
+    return SECTION.get(type_url) or "other"
+
+
+def type_name(type_url: str) -> str:
+    """As ``type_label``, but other types by message name: for status (bounded per stream)."""
     return SECTION.get(type_url) or type_url.rpartition("/")[2] or "none"
 
 

@@ -12,9 +12,12 @@ from authplane.controlplane.cache import SnapshotCache
 from authplane.controlplane.callbacks import Callbacks
 from authplane.controlplane.delta import DeltaStream
 from authplane.controlplane.sotw import SotwStream
-from authplane.controlplane.stream import Stream
+from authplane.controlplane.stream import Refused, Stream
 
 log = logging.getLogger("authplane.xds")
+
+MAX_REQUEST_BYTES = 1024 * 1024
+"""A larger discovery request ends its stream (RESOURCE_EXHAUSTED); Envoy's stay far below."""
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a second control plane on the same port is an error, not a split
@@ -23,6 +26,7 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),  # Envoy's own keepalive pings
     ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
 ]
 
 
@@ -42,6 +46,9 @@ class AdsService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.streams.add(stream)
         try:
             await stream.serve(requests, context.write)
+        except Refused as e:
+            log.warning("xDS stream %d from %s refused: %s", stream.id, stream.peer, e)
+            await context.abort(e.code, f"authplane: {e}")
         except Exception:  # a bug must end this stream only, never the server
             log.exception("xDS stream %d of node %r failed", stream.id, stream.node_id)
             await context.abort(grpc.StatusCode.INTERNAL, "authplane: internal error")

@@ -12,7 +12,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from authplane.controlplane.cache import WILDCARD_TYPES
-from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, error_message
+from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, check_names, error_message
 
 
 class SotwStream(Stream):
@@ -20,6 +20,7 @@ class SotwStream(Stream):
 
     async def on_request(self, request: Any, ts: TypeState) -> None:
         type_url = request.type_url
+        check_names(request.resource_names, "resource_names")
         if not self.settle(type_url, ts, request.response_nonce, error_message(request)):
             return
         ts.names = frozenset(request.resource_names)
@@ -38,7 +39,8 @@ class SotwStream(Stream):
         return tuple((name, versions[name]) for name in sorted(ts.names) if name in versions)
 
     async def respond(self, type_url: str, ts: TypeState) -> None:
-        assert self.prepared is not None
+        if self.prepared is None:
+            return  # nothing valid loaded yet: the client keeps what it has
         key = self._key(type_url, ts)
         if ts.last is not None and ts.last.key == key:
             self.unchanged(ts)

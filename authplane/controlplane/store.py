@@ -8,20 +8,26 @@ see a revision before Envoys are sent its snapshots, and can reject it by raisin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from authplane.compiler.ir import CompileOptions
 from authplane.compiler.snapshot import Snapshot, compile_policies
 from authplane.controlplane.metrics import Metrics
 from authplane.errors import CompileError, PolicyError, Problem
-from authplane.policy.loader import Policies, load_dir
+from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, SETTLE_SECONDS, Policies, load_dir
 
 log = logging.getLogger("authplane.reload")
+T = TypeVar("T")
+MAX_LOGGED_WARNINGS = 20
+"""New warnings logged per reload; a large repository can have thousands."""
 
 
 @dataclass(frozen=True)
@@ -73,16 +79,57 @@ def git_version(directory: str) -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def build(directory: str, options: CompileOptions) -> Revision:
-    """Load and compile; raises PolicyError or CompileError."""
+def build(directory: str, options: CompileOptions, previous: Revision | None = None,
+          max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Revision:
+    """Load and compile; raises PolicyError or CompileError. Files are read once settled, and an
+    empty policy file keeps its documents of ``previous`` (see ``load_dir``); warnings not
+    already given for ``previous`` are logged."""
     start = time.perf_counter()
-    policies = load_dir(directory)
+    before = previous.policies if previous is not None else None
+    policies = load_dir(directory, max_file_size, SETTLE_SECONDS, before.texts if before else None)
+    given = set(before.warnings) if before is not None else set()
+    new = [w for w in policies.warnings if w not in given]
+    for warning in new[:MAX_LOGGED_WARNINGS]:
+        log.warning("%s", warning)
+    if len(new) > MAX_LOGGED_WARNINGS:
+        log.warning("... and %d more warnings (authplane validate lists them all)", len(new) - MAX_LOGGED_WARNINGS)
     snapshots = compile_policies(policies, options)
     return Revision(snapshots, policies, tuple(sorted(policies.files)),
                     compile_seconds=time.perf_counter() - start)
 
 
 RevisionHook = Callable[[Revision], object]
+
+
+class ReloadAbandoned(Exception):
+    """The server is stopping: the reload in progress is dropped."""
+
+
+def in_daemon_thread(fn: Callable[..., T], *args: Any) -> tuple[asyncio.Future[T], threading.Thread]:
+    """``asyncio.to_thread`` in a daemon thread: the default executor's threads are joined when
+    the loop and the interpreter shut down, so a stuck build would keep the process alive."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # abandoned meanwhile
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as e:  # handed to the awaiting coroutine
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    thread = threading.Thread(target=run, name="authplane-reload", daemon=True)
+    thread.start()
+    return future, thread
 
 
 class PolicyStore:
@@ -97,7 +144,11 @@ class PolicyStore:
         self._publish = publish
         self._hooks: list[RevisionHook] = []
         self._lock: asyncio.Lock | None = None
+        self._building: asyncio.Future[Revision] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._git_checked = 0.0
+        self.max_file_size = DEFAULT_MAX_FILE_SIZE
 
     def add_hook(self, hook: RevisionHook) -> None:
         """``hook(revision)`` runs, in the order added, before Envoys get the revision's
@@ -106,7 +157,7 @@ class PolicyStore:
 
     def load(self) -> None:
         """The start-up load: raises PolicyError/CompileError, there is no last good revision."""
-        self._apply(build(self.directory, self.options))
+        self._apply(build(self.directory, self.options, self.current, self.max_file_size))
         self._git_known(git_version(self.directory))
         if self.git:
             log.info("policy directory %s is at git %s", self.directory, self.git)
@@ -120,8 +171,15 @@ class PolicyStore:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            if self._stopping:
+                return False
             try:
-                self._apply(await asyncio.to_thread(build, self.directory, self.options))
+                self._building, self._thread = in_daemon_thread(
+                    build, self.directory, self.options, self.current, self.max_file_size)
+                self._apply(await self._building)
+            except ReloadAbandoned:
+                log.info("reload abandoned: stopping")
+                return False
             except (PolicyError, CompileError) as e:
                 self._failed(e)
                 return False
@@ -129,8 +187,22 @@ class PolicyStore:
                 log.exception("reload failed")
                 self._failed(e)
                 return False
+            finally:
+                self._building = None
             await self.refresh_git(force=True)  # after the push: not on the save → Envoy path
             return True
+
+    def abandon(self) -> None:
+        """Stopping: an in-flight reload returns False now (its build thread, a daemon, is not
+        waited for: SIGTERM stops ``serve`` even mid-reload), and no reload starts any more."""
+        self._stopping = True
+        if self._building is not None and not self._building.done():
+            self._building.set_exception(ReloadAbandoned())
+
+    def abandoned_build(self) -> bool:
+        """An abandoned reload still runs: exit without the interpreter's teardown, which would
+        share the GIL with it (and free its half-built revision) for seconds."""
+        return self._stopping and self._thread is not None and self._thread.is_alive()
 
     async def refresh_git(self, force: bool = False) -> str | None:
         """The SHA also changes on a commit, which touches no policy file: refreshed on reloads

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 
 from authplane.compiler.resources import TYPE_ORDER
@@ -33,7 +34,35 @@ MAX_ERROR_DETAIL = 4096
 
 MAX_QUEUED = 16
 """Requests read ahead of the stream's handling."""
+
+# Bounds on what one client may make the server keep; beyond them the stream is refused.
+MAX_ID = 256
+"""Characters of ``node.id`` and ``node.cluster`` (the fleet)."""
+MAX_TYPES = 16
+"""Resource types on one stream (Envoy uses at most six)."""
+MAX_TYPE_URL = 256
+MAX_NAMES = 20_000
+"""Resource names in one request, and subscribed names of one type on one stream."""
+MAX_NAME = 1024
+"""Characters of one resource name."""
 _stream_ids = itertools.count(1)
+
+
+class Refused(Exception):
+    """The client exceeded a bound: its stream ends with this gRPC status (the server goes on)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_names(names: Any, what: str) -> None:
+    """Refuse a request naming more than ``MAX_NAMES`` resources or an over-long name."""
+    if len(names) > MAX_NAMES:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{len(names)} names in {what}: at most {MAX_NAMES} per request")
+    if any(len(n) > MAX_NAME for n in names):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"a name in {what} is over {MAX_NAME} characters")
 
 
 @dataclass(eq=False)
@@ -150,6 +179,19 @@ class Stream:
             if self.opened:
                 self.cache.cancel(self.fleet, self)
                 self.callbacks.stream_closed(self)
+            self._release()
+
+    def _release(self) -> None:
+        """Drop what only an open stream needs: status keeps a closed stream (its acked
+        versions and rejection) as a node's last known state, not its buffers and snapshots."""
+        self._requests = asyncio.Queue(MAX_QUEUED)
+        self.prepared = None
+        for ts in self.types.values():
+            ts.inflight.clear()
+            ts.last = None
+            ts.names = frozenset()
+            ts.subscribed.clear()
+            ts.known.clear()
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         """Requests wait in a bounded queue: a client that sends without reading is slowed down,
@@ -161,7 +203,7 @@ class Stream:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the client went away mid-message; nothing to answer
-            log.debug("stream %d (%s): read ended: %s", self.id, self.node_id or self.peer, e)
+            log.debug("stream %d (%r): read ended: %s", self.id, self.node_id or self.peer, e)
         finally:
             self._closed = True
             self._wake.set()
@@ -170,25 +212,39 @@ class Stream:
         if not self.opened:
             self._open(request.node)
         type_url = request.type_url
+        if type_url not in self.types and (len(type_url) > MAX_TYPE_URL or len(self.types) >= MAX_TYPES):
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"type_url over {MAX_TYPE_URL} characters or more than {MAX_TYPES} types on one stream")
         self.callbacks.request(self, type_url)
         if not type_url:
-            log.warning("node %s sent a request without type_url; ignored", self.node_id)
+            log.warning("node %r sent a request without type_url; ignored", self.node_id)
             return
         await self.on_request(request, self.types.setdefault(type_url, TypeState()))
 
     def _open(self, node: Any) -> None:
+        for field_name, value in (("node.id", node.id), ("node.cluster", node.cluster)):
+            if len(value) > MAX_ID:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{field_name} is {len(value)} characters long: at most {MAX_ID} allowed")
         self.node_id, self.fleet = node.id, node.cluster
-        self.prepared = self.cache.get(self.fleet)
+        self.prepared = self.current()
         self.cache.watch(self.fleet, self)
         self.opened = True
-        if not self.cache.known(self.fleet):
+        if not self.cache.ready:
+            log.info("node %r (fleet %r): nothing valid is loaded yet; answering once it is", self.node_id,
+                     self.fleet)
+        elif not self.cache.known(self.fleet):
             known = ", ".join(self.cache.fleets()) or "none"
             log.warning("node %r: unknown fleet %r (node.cluster; fleets: %s): serving an empty configuration",
                         self.node_id, self.fleet, known)
         self.callbacks.stream_opened(self)
 
+    def current(self) -> Prepared | None:
+        """The fleet's snapshot; None while no valid revision exists (nothing is answered)."""
+        return self.cache.get(self.fleet) if self.cache.ready else None
+
     async def _snapshot_changed(self) -> None:
-        self.prepared = self.cache.get(self.fleet)
+        self.prepared = self.current()
         for type_url in self.ordered_types():
             await self.respond(type_url, self.types[type_url])
 

@@ -1,20 +1,26 @@
 """Per-node status (which Envoy runs which version, what it rejected) and xDS metrics.
 
 The ``Callbacks`` implementation of ``serve``. State that streams already hold (acked versions,
-active rejections) is read from the newest stream of each node when ``/status`` is asked for.
+active rejections) is read from the node's stream when ``/status`` is asked for.
+
+One row per node id, following one stream: a node id is only a claim, so while that stream is
+open a second stream with the same id (an impostor, or an Envoy whose old stream is not yet seen
+closed) does not take the row over. It is listed under ``other_streams`` and its NACKs are
+logged but leave the row alone; when the row's stream closes, the oldest other one takes over.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from authplane.controlplane.admin import printable
 from authplane.controlplane.cache import SnapshotCache
 from authplane.controlplane.callbacks import Callbacks
-from authplane.controlplane.metrics import Metrics, type_label
+from authplane.controlplane.metrics import Metrics, type_label, type_name
 from authplane.controlplane.stream import Rejection, Sent, Stream
 
 log = logging.getLogger("authplane.xds")
@@ -30,15 +36,20 @@ def iso(t: float | None) -> str | None:
 @dataclass(eq=False)
 class Node:
     stream: Stream
-    """The newest stream of this node (kept after it closes, for its last known state)."""
-    streams: int = 0
+    """The stream the row follows (kept after it closes, for the node's last known state)."""
+    others: list[Stream] = field(default_factory=list)
+    """Other open streams claiming this id, oldest first."""
     disconnected_at: float | None = None
     last_rejection: Rejection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.disconnected_at is None
 
 
 def rejection_dict(rej: Rejection, active: bool) -> dict[str, Any]:
     return {
-        "type": type_label(rej.type_url),
+        "type": type_name(rej.type_url),
         "version": rej.sent.version,
         "at": iso(rej.at),
         "active": active,
@@ -57,13 +68,19 @@ class Tracker(Callbacks):
     # -- callbacks -------------------------------------------------------------------------
 
     def stream_opened(self, stream: Stream) -> None:
+        self.metrics.streams.labels(stream.protocol).inc()
         node = self.nodes.pop(stream.node_id, None)
+        if node is not None and node.connected:
+            node.others.append(stream)
+            self.nodes[stream.node_id] = node
+            log.warning("node %r: a second stream (%s ADS from %s) claims this id while the one from %s is "
+                        "open; status keeps following the first", stream.node_id, stream.protocol, stream.peer,
+                        node.stream.peer)
+            return
         if node is None:
             node = Node(stream)
         node.stream, node.disconnected_at = stream, None
-        node.streams += 1
         self.nodes[stream.node_id] = node  # most recently connected last
-        self.metrics.streams.labels(stream.protocol).inc()
         log.info("node %r (fleet %r) connected over %s ADS from %s", stream.node_id, stream.fleet,
                  stream.protocol, stream.peer)
         self._forget_old()
@@ -73,8 +90,14 @@ class Tracker(Callbacks):
         node = self.nodes.get(stream.node_id)
         if node is None:
             return
-        node.streams -= 1
-        if node.streams <= 0:
+        if stream in node.others:
+            node.others.remove(stream)
+        elif stream is node.stream and node.others:
+            node.stream = node.others.pop(0)
+            node.last_rejection = None  # the previous stream's: this one has its own types
+            log.info("node %r: stream from %s closed; status now follows the one from %s", stream.node_id,
+                     stream.peer, node.stream.peer)
+        elif stream is node.stream:
             node.disconnected_at = time.time()
             log.info("node %r disconnected", stream.node_id)
 
@@ -91,15 +114,17 @@ class Tracker(Callbacks):
         self.metrics.nacks.labels(type_label(type_url)).inc()
         rejection = stream.types[type_url].rejection
         node = self.nodes.get(stream.node_id)
-        if node is not None and rejection is not None:
+        followed = node is not None and stream is node.stream
+        if node is not None and followed and rejection is not None:
             node.last_rejection = rejection
         sources = "; ".join(rejection.sources()) if rejection is not None else ""
-        log.warning("node %r rejected %s of version %s (keeps its previous config): %s%s", stream.node_id,
-                    type_label(type_url), sent.version, error, f"; from {sources}" if sources else "")
+        log.warning("node %r%s rejected %s of version %s (keeps its previous config): %s%s", stream.node_id,
+                    "" if followed else f" (another stream, from {stream.peer})", printable(type_name(type_url)),
+                    sent.version, printable(error), f"; from {sources}" if sources else "")
 
     def _forget_old(self) -> None:
         while len(self.nodes) > MAX_NODES:
-            old = next((k for k, n in self.nodes.items() if n.streams <= 0), None)
+            old = next((k for k, n in self.nodes.items() if not n.connected), None)
             if old is None:
                 return
             del self.nodes[old]
@@ -108,12 +133,13 @@ class Tracker(Callbacks):
 
     def node_status(self, node_id: str, node: Node) -> dict[str, Any]:
         stream = node.stream
-        current = self.cache.get(stream.fleet).version
+        ready = self.cache.ready
+        current = self.cache.get(stream.fleet).version if ready else None
         types = {t: stream.types[t] for t in stream.ordered_types()}
-        connected = node.streams > 0
-        synced = bool(types) and all(ts.in_sync(current) for ts in types.values())
+        connected = node.connected
+        synced = ready and bool(types) and all(ts.in_sync(current or "") for ts in types.values())
         rejected = any(ts.rejection is not None for ts in types.values())
-        state = ("disconnected" if not connected else "rejected" if rejected else
+        state = ("disconnected" if not connected else "waiting" if not ready else "rejected" if rejected else
                  "in sync" if synced else "updating")
         rej = node.last_rejection
         active = rej is not None and connected and any(ts.rejection is rej for ts in types.values())
@@ -128,8 +154,10 @@ class Tracker(Callbacks):
             "disconnected_at": iso(node.disconnected_at),
             "state": state,
             "current_version": current,
-            "acked": {type_label(t): ts.acked or None for t, ts in types.items()},
+            "acked": {type_name(t): ts.acked or None for t, ts in types.items()},
             "last_rejection": rejection_dict(rej, active) if rej is not None else None,
+            "other_streams": [{"protocol": s.protocol, "peer": s.peer, "connected_since": iso(s.opened_at)}
+                              for s in node.others],
         }
 
     def status(self) -> list[dict[str, Any]]:

@@ -76,9 +76,10 @@ class PolicyWatcher:
             self._task = None
 
     async def _run(self) -> None:
+        real = os.path.realpath(self.root)  # the target last loaded: a swap right after a reload is seen
+        catch_up = False  # re-watching: a save made before the new watches existed sent no event
         while not self._stop.is_set():
             paths = self.paths()
-            real = os.path.realpath(self.root)
             try:
                 if not paths:
                     raise FileNotFoundError(self.root)
@@ -86,17 +87,22 @@ class PolicyWatcher:
                 async for changes in awatch(*paths, watch_filter=self.relevant, debounce=DEBOUNCE_MS,
                                             step=STEP_MS, stop_event=self._stop, rust_timeout=1000,
                                             yield_on_timeout=True):
-                    swapped = os.path.realpath(self.root) != real
-                    if not changes and not swapped:
+                    target = os.path.realpath(self.root)
+                    swapped = target != real
+                    if not changes and not swapped and not catch_up:
                         continue  # a quiet second
                     if swapped:
-                        log.info("%s now points at %s", self.root, os.path.realpath(self.root))
+                        log.info("%s now points at %s", self.root, target)
+                        real = target
+                    catch_up = False
                     await self.store.reload()
                     if swapped or self.paths() != paths:
+                        catch_up = True
                         break  # watch the new target, or the directories of newly read files
             except Exception as e:  # the directory vanished, too many watches ...: retry, keep serving
                 log.warning("cannot watch %s (%s); retrying", self.root, e)
                 try:
                     await asyncio.wait_for(self._stop.wait(), RETRY_SECONDS)
                 except TimeoutError:
+                    real = os.path.realpath(self.root)
                     await self.store.reload()

@@ -62,6 +62,16 @@ class Listener(Model):
     """Address Envoy binds."""
 
 
+class PathMatching(Model):
+    case_sensitive: bool = True
+    """``false``: path rules (``authorization`` and builtin ``when.paths``) and route path matches
+    ignore case, for backends that serve ``/API/x`` as ``/api/x``."""
+    reject_ambiguous: bool = True
+    """Answer 400, before any check, to a path (after normalisation) with a path parameter (``;`` or
+    ``%3B``) or a segment ending in a dot (``/a.``, ``/a./b``, ``/...``): backends such as Tomcat or
+    IIS read ``/a;x`` and ``/a.`` as ``/a``. ``false`` is an explicit opt-out."""
+
+
 class GatewaySpec(Model):
     fleet: Name
     """Envoys whose ``node.cluster`` equals this value receive this gateway."""
@@ -71,6 +81,8 @@ class GatewaySpec(Model):
     """Number of trusted proxies in front of Envoy whose ``x-forwarded-for`` entries are believed.
     0 (default): the client address is the TCP peer and ``x-forwarded-for`` from clients is ignored
     for source-address checks."""
+    path_matching: PathMatching = PathMatching()
+    """How paths are matched and which paths are refused (see concepts: Path matching)."""
 
 
 # --- Backend -----------------------------------------------------------------------------------
@@ -95,7 +107,8 @@ class BackendSpec(Model):
 
 class RouteMatch(Model):
     path: PathPattern | None = None
-    """Exact path."""
+    """Exact path; also matches with a trailing slash (``/x`` and ``/x/``), so that ``/x/`` cannot
+    fall through to a route without the policy of ``/x``."""
     path_prefix: str | None = None
     """Path prefix matched on whole segments: ``/api`` matches ``/api`` and ``/api/x``, not ``/apix``."""
     path_regex: Regex | None = None
@@ -233,7 +246,8 @@ class Conditions(Model):
     methods: list[Method] = []
     """HTTP methods."""
     paths: list[PathPattern] = []
-    """Exact paths, or prefixes written ``/prefix/*``."""
+    """Exact paths (``/x`` matches ``/x`` and ``/x/``), or prefixes written ``/x/*`` (``/x``, ``/x/``
+    and everything below), matched on the normalised path (see concepts: Path matching)."""
 
     def is_empty(self) -> bool:
         return not (self.claims or self.headers or self.source_cidrs or self.methods or self.paths)

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -53,11 +54,28 @@ def discovery_url(issuer: str) -> str:
     return issuer.rstrip("/") + "/.well-known/openid-configuration"
 
 
+MAX_DISCOVERY_BYTES = 1024 * 1024
+
+
+def _read_bounded(url: str, timeout: float) -> bytes:
+    """The body at ``url``, within ``timeout`` in all (a provider that trickles bytes cannot hold a
+    reload) and at most ``MAX_DISCOVERY_BYTES``."""
+    deadline = time.monotonic() + timeout
+    body = b""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        while chunk := r.read1(65536):
+            body += chunk
+            if len(body) > MAX_DISCOVERY_BYTES:
+                raise ValueError(f"larger than {MAX_DISCOVERY_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not complete within {timeout:g}s")
+    return body
+
+
 def _fetch(issuer: str, timeout: float) -> Endpoints:
     url = discovery_url(issuer)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            doc = json.loads(r.read())
+        doc = json.loads(_read_bounded(url, timeout))
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise OidcError(f"cannot fetch the discovery document {url}: {reason}") from None
@@ -103,18 +121,23 @@ def endpoints(spec: Oidc) -> tuple[Endpoints, str | None]:
     return found, warning
 
 
-def read_secret(ref: SecretRef, base_dir: str) -> tuple[bytes, str | None]:
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+
+
+def read_secret(ref: SecretRef, base_dir: str, limit: int | None = None) -> tuple[bytes, str | None]:
     """(secret, path of the file it came from, if any)."""
+    from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, read_file
+
     if ref.env is not None:
         value = os.environ.get(ref.env, "").strip()
-        if not value:
-            raise OidcError(f"environment variable {ref.env} is not set or empty")
+        if not value:  # a name that does not look like one may be the secret itself: not echoed
+            name = ref.env if _ENV_NAME.match(ref.env) else "(name not shown: not an upper-case variable name)"
+            raise OidcError(f"environment variable {name} is not set or empty")
         return value.encode(), None
     assert ref.file is not None
     path = os.path.normpath(os.path.join(base_dir, ref.file))
     try:
-        with open(path, "rb") as f:
-            value = f.read().strip()
+        value = read_file(path, limit or DEFAULT_MAX_FILE_SIZE).strip()
     except OSError as e:
         raise OidcError(f"cannot read {ref.file!r}: {e.strerror}") from None
     if not value:

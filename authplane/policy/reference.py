@@ -101,6 +101,10 @@ INTRO = """\
 
 Every `*.yaml`/`*.yml` file under the policy directory is read, recursively; a file may hold
 several documents separated by `---`. Hidden files and editor temporary files are ignored.
+Policy files, and the JWKS, key and secret files they name, must be regular files (or symlinks
+to them) of at most 4 MiB (`--max-file-size`); a file or directory that cannot be read fails
+the load. YAML aliases may repeat at most 10,000 nodes per file, and documents nest
+at most 100 levels deep.
 Each document has `apiVersion: authplane.dev/v1alpha1`, a `kind`, `metadata.name` (unique per
 kind) and a `spec`. Unknown fields are errors. Durations are written with a unit: `200ms`,
 `30s`, `5m`, `1h`.

@@ -13,7 +13,7 @@ from pydantic.alias_generators import to_camel, to_snake
 
 from authplane.errors import Problem
 from authplane.policy.credentials import Entry, parse_htpasswd, parse_key_file, policy_file_path
-from authplane.policy.loader import Item, Policies
+from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, Item, Policies, read_file
 from authplane.policy.model import AuthPolicy, ExtAuthRule, Jwks, TargetRef
 from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
 from authplane.policy.oidc import endpoints as oidc_endpoints
@@ -34,12 +34,12 @@ def usable_keys(jwks: Any) -> str | None:
     return "no usable key (each key needs kty RSA/EC/oct/OKP and its members, e.g. n and e for RSA)"
 
 
-def read_jwks_file(item: Item[AuthPolicy], jwks: Jwks) -> tuple[str, str]:
-    """(absolute path, content) of a policy's JWKS file; OSError if it cannot be read."""
+def read_jwks_file(item: Item[AuthPolicy], jwks: Jwks, limit: int = DEFAULT_MAX_FILE_SIZE) -> tuple[str, str]:
+    """(absolute path, content) of a policy's JWKS file; OSError or UnicodeDecodeError if it
+    cannot be read."""
     assert jwks.file is not None
     path = os.path.normpath(os.path.join(os.path.dirname(item.source.path), jwks.file))
-    with open(path, encoding="utf-8") as f:
-        return path, f.read()
+    return path, read_file(path, limit).decode("utf-8")
 
 
 def validate(p: Policies) -> list[Problem]:
@@ -181,10 +181,11 @@ def _jwt(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
         where = ("spec", "jwt", "providers", i, "jwks")
         if prov.jwks.file is not None:
             try:
-                path, text = read_jwks_file(pol, prov.jwks)
-            except OSError as e:
+                path, text = read_jwks_file(pol, prov.jwks, p.max_file_size)
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
                 out.append(pol.source.problem((*where, "file"), f"cannot read JWKS file {prov.jwks.file!r}: "
-                                                                f"{e.strerror}"))
+                                                                f"{reason}"))
                 continue
             try:
                 problem = usable_keys(json.loads(text))
@@ -206,8 +207,7 @@ def _credential_file(p: Policies, pol: Item[AuthPolicy], section: str, rel: str,
     """Read and check an htpasswd or key file; its content becomes part of the version."""
     path = policy_file_path(pol, rel)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = p.read_text(path)
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
         out.append(pol.source.problem(("spec", section, "file"), f"cannot read {rel!r}: {reason}"))
@@ -232,7 +232,7 @@ def _oidc(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
         if ref is None:
             continue
         try:
-            secrets[name], path = read_secret(ref, base)
+            secrets[name], path = read_secret(ref, base, p.max_file_size)
         except OidcError as e:
             out.append(pol.source.problem((*where, name), str(e)))
             continue
@@ -300,8 +300,7 @@ def _api_keys(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> set[str
     where = ("spec", "extAuth", "apiKeys", "file")
     path = key_file_path(pol, ext.api_keys)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = p.read_text(path)
         table = KeyTable.build(ext.api_keys, text)
     except OSError as e:
         out.append(pol.source.problem(where, f"cannot read API key file {ext.api_keys.file!r}: {e.strerror}"))

@@ -44,10 +44,69 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _build(node: yaml.Node, path: Path, doc: Document) -> Any:
-    doc.positions[path] = _mark(node)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
+MAX_DEPTH = 100
+"""Deepest nesting accepted (policies need about ten levels; Python's recursion limit is 1,000)."""
+ALIAS_BUDGET = 10_000
+"""Nodes that aliases (``*name``) may repeat in one file: a few repeated rule lists fit, a
+"billion laughs" (nested aliases, 272 bytes growing to gigabytes) stops here."""
+
+
+class _AliasError(Exception):
+    """An alias over budget or recursive; located later from the events (nodes do not know where
+    their aliases are written)."""
+
+    def __init__(self, path: Path, message: str):
+        self.path, self.message = path, message
+
+
+class _Builder:
+    """Plain values from the nodes of one document, expanding aliases within ``ALIAS_BUDGET``.
+
+    The composer hands back an alias as the very node object it names, so a node met twice is an
+    alias; ``outer`` is the path of the alias, written in the text, being expanded."""
+
+    def __init__(self, doc: Document, budget: list[int]) -> None:
+        self.doc = doc
+        self.budget = budget  # shared by the documents of a file
+        self.built: set[int] = set()
+        self.active: set[int] = set()
+        self.outer: Path | None = None
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise YamlProblem(*_mark(node), f"nested more than {MAX_DEPTH} levels deep")
+        if id(node) in self.active:
+            raise _AliasError(self.outer or path, "recursive alias: it names a node that contains it")
+        if id(node) not in self.built:
+            self.built.add(id(node))
+            return self._node(node, path)
+        if self.outer is not None:
+            return self._node(node, path)
+        self.outer = path
+        try:
+            return self._node(node, path)
+        finally:
+            self.outer = None
+
+    def _node(self, node: yaml.Node, path: Path) -> Any:
+        if self.outer is not None:
+            self.budget[0] -= 1
+            if self.budget[0] < 0:
+                raise _AliasError(self.outer, f"aliases expand to more than {ALIAS_BUDGET} nodes in this "
+                                              "file; repeat fewer or smaller parts")
+        self.doc.positions[path] = _mark(node)
+        if isinstance(node, yaml.ScalarNode):
+            return _scalar(node, path)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+            return self._mapping(node, path)
+        finally:
+            self.active.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise YamlProblem(*_mark(key_node), "mapping keys must be plain strings", path)
@@ -55,13 +114,60 @@ def _build(node: yaml.Node, path: Path, doc: Document) -> Any:
             if key == "<<":
                 raise YamlProblem(*_mark(key_node), "merge keys (<<) are not supported", path)
             if key in out:
-                raise YamlProblem(*_mark(key_node), f"duplicate key {key!r}", (*path, key))
-            doc.key_positions[(*path, key)] = _mark(key_node)
-            out[key] = _build(value_node, (*path, key), doc)
+                raise YamlProblem(*_mark(key_node), f"duplicate key {_short(key)}", (*path, key))
+            self.doc.key_positions[(*path, key)] = _mark(key_node)
+            out[key] = self.build(value_node, (*path, key))
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*path, i), doc) for i, item in enumerate(node.value)]
-    return yaml.SafeLoader.construct_object(_CONSTRUCTOR, node, deep=True)
+
+
+def _short(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def _scalar(node: yaml.ScalarNode, path: Path) -> Any:
+    try:
+        return yaml.SafeLoader.construct_object(_CONSTRUCTOR, node, deep=True)
+    except ValueError as e:  # Python's int digit limit, 2026-13-01 ...
+        kind = node.tag.rpartition(":")[2]
+        if kind == "int":
+            reason = f"integer too long ({len(node.value)} characters)"
+        else:
+            reason = f"invalid {kind} {_short(node.value)} ({e})"
+        raise YamlProblem(*_mark(node), f"{reason}; quote it to make it a string", path) from None
+
+
+def _alias_mark(text: str, document: int, path: Path) -> tuple[int, int, str]:
+    """(line, col, name) of the alias written at ``path`` of the ``document``-th document."""
+    frames: list[list[Any]] = []  # [key or index, "key"/"value" (what a mapping expects) or None]
+    doc = -1
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.DocumentStartEvent):
+            doc, frames = doc + 1, []
+        elif doc != document:
+            continue
+        elif isinstance(event, yaml.CollectionEndEvent):
+            frames.pop()
+            _advance(frames)
+        elif isinstance(event, yaml.NodeEvent):
+            if frames and frames[-1][1] == "key":
+                frames[-1][0] = event.value if isinstance(event, yaml.ScalarEvent) else None
+            elif isinstance(event, yaml.AliasEvent) and tuple(f[0] for f in frames) == path:
+                return event.start_mark.line + 1, event.start_mark.column + 1, str(event.anchor)
+            if isinstance(event, yaml.CollectionStartEvent):
+                frames.append([0, None] if isinstance(event, yaml.SequenceStartEvent) else [None, "key"])
+            else:
+                _advance(frames)
+    return 1, 1, "?"
+
+
+def _advance(frames: list[list[Any]]) -> None:
+    """After a node: a sequence moves to its next item, a mapping from key to value and back."""
+    if frames:
+        top = frames[-1]
+        if top[1] is None:
+            top[0] += 1
+        else:
+            top[1] = "value" if top[1] == "key" else "key"
 
 
 class _Constructor(yaml.SafeLoader):
@@ -77,6 +183,7 @@ def load_documents(text: str) -> list[Document]:
     """Parse every document of a YAML stream; empty documents are skipped."""
     docs: list[Document] = []
     loader: yaml.SafeLoader | None = None  # the C loader when PyYAML has libyaml
+    budget = [ALIAS_BUDGET]
     try:
         loader = _Loader(text)
         while loader.check_node():
@@ -85,10 +192,13 @@ def load_documents(text: str) -> list[Document]:
                 continue
             doc = Document(data=None, line=_mark(node)[0], col=_mark(node)[1])
             try:
-                doc.data = _build(node, (), doc)
+                doc.data = _Builder(doc, budget).build(node, ())
             except yaml.constructor.ConstructorError as e:
                 mark = e.problem_mark or node.start_mark
                 raise YamlProblem(mark.line + 1, mark.column + 1, str(e.problem)) from None
+            except _AliasError as e:
+                line, col, name = _alias_mark(text, len(docs), e.path)
+                raise YamlProblem(line, col, f"alias *{name}: {e.message}", e.path) from None
             docs.append(doc)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

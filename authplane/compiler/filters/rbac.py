@@ -80,9 +80,16 @@ def _header(header: str, value: str) -> rbac.Principal:
     return rbac.Principal(header=rc.HeaderMatcher(name=header, string_match=_exact(value)))
 
 
-def _path(pattern: str) -> rbac.Principal:
-    m = string_pb2.StringMatcher(prefix=pattern[:-1]) if pattern.endswith("/*") else _exact(pattern)
-    return rbac.Principal(url_path=path_pb2.PathMatcher(path=m))
+def _path(pattern: str, ignore_case: bool) -> list[rbac.Principal]:
+    """Exact ``/x`` (or ``/x/``) matches ``/x`` and ``/x/``; ``/x/*`` matches ``/x`` and below."""
+    def url(**match: str) -> rbac.Principal:
+        m = string_pb2.StringMatcher(ignore_case=ignore_case, **match)
+        return rbac.Principal(url_path=path_pb2.PathMatcher(path=m))
+
+    base = pattern.removesuffix("*").rstrip("/")
+    if not base:  # "/" or "/*"
+        return [url(prefix="/") if pattern == "/*" else url(exact="/")]
+    return [url(exact=base), url(prefix=base + "/") if pattern.endswith("/*") else url(exact=base + "/")]
 
 
 def _cidr(cidr: str) -> rbac.Principal:
@@ -97,7 +104,7 @@ def _methods(methods: tuple[str, ...]) -> rbac.Principal:
     return _any_of([_header(":method", m) for m in methods])
 
 
-def conditions(when: Conditions) -> rbac.Principal:
+def conditions(when: Conditions, ignore_case: bool = False) -> rbac.Principal:
     """All kinds must match; any value within a kind matches."""
     parts: list[rbac.Principal] = []
     for claim, values in sorted(when.claims.items()):
@@ -109,27 +116,28 @@ def conditions(when: Conditions) -> rbac.Principal:
     if when.methods:
         parts.append(_methods(tuple(when.methods)))
     if when.paths:
-        parts.append(_any_of([_path(p) for p in when.paths]))
+        parts.append(_any_of([m for p in when.paths for m in _path(p, ignore_case)]))
     return _all_of(parts)
 
 
-def rules(authz: Authorization) -> rbac.RBAC:
+def rules(authz: Authorization, ignore_case: bool = False) -> rbac.RBAC:
     deny = [r for r in authz.rules if r.action == "deny"]
     allow = [r for r in authz.rules if r.action == "allow"]
     anything = [rbac.Permission(any=True)]
     if authz.default == "allow":
         return rbac.RBAC(action=rbac.RBAC.DENY, policies={
-            r.name: rbac.Policy(permissions=anything, principals=[conditions(r.when)]) for r in deny})
-    denied = [rbac.Principal(not_id=_any_of([conditions(r.when) for r in deny]))] if deny else []
+            r.name: rbac.Policy(permissions=anything, principals=[conditions(r.when, ignore_case)])
+            for r in deny})
+    denied = [rbac.Principal(not_id=_any_of([conditions(r.when, ignore_case) for r in deny]))] if deny else []
     return rbac.RBAC(action=rbac.RBAC.ALLOW, policies={
-        r.name: rbac.Policy(permissions=anything, principals=[_all_of([conditions(r.when), *denied])])
+        r.name: rbac.Policy(permissions=anything, principals=[_all_of([conditions(r.when, ignore_case), *denied])])
         for r in allow})
 
 
-def _per_route(checks: Checks) -> any_pb2.Any:
+def _per_route(lst: ListenerIR, checks: Checks) -> any_pb2.Any:
     assert checks.authorization is not None
     return pack(rbac_filter.RBACPerRoute(rbac=rbac_filter.RBAC(
-        rules=rules(checks.authorization), rules_stat_prefix=f"{checks.policy}.")))
+        rules=rules(checks.authorization, not lst.case_sensitive), rules_stat_prefix=f"{checks.policy}.")))
 
 
 def _levels(lst: ListenerIR) -> list[str]:
@@ -142,13 +150,13 @@ def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
 
 def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
     if lst.checks and lst.checks.authorization:
-        return {name("gateway"): _per_route(lst.checks)}
+        return {name("gateway"): _per_route(lst, lst.checks)}
     return {}
 
 
 def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
     if route.checks and route.checks.authorization:
-        return {name("route"): _per_route(route.checks)}
+        return {name("route"): _per_route(lst, route.checks)}
     return {}
 
 

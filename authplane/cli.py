@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -12,9 +14,18 @@ from authplane.errors import CompileError, PolicyError
 DEFAULT_DIR = "policies"
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # one line, no usage dump
+        m = _INVALID_CHOICE.search(message)
+        if m:
+            choices = [c.strip(" '") for c in m[2].split(",")]
+            close = difflib.get_close_matches(m[1], choices, n=1)
+            message = f"unknown command {m[1]!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                      f"; commands: {', '.join(choices)}")
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -94,8 +105,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if (args.xds_tls_cert is None) != (args.xds_tls_key is None) or (args.xds_client_ca and not args.xds_tls_cert):
+        return _fail("authplane serve: --xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs them)",
+                     2)
     cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file))
     cp.store.max_file_size = args.max_file_size
+    if args.xds_tls_cert:
+        from authplane.controlplane.tls import TlsFiles
+
+        cp.xds.tls = TlsFiles(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
     grpc_listen = None if args.no_authz else args.authz_grpc_listen or args.authz_grpc
     http_listen = None if args.no_authz else args.authz_http_listen or args.authz_http
     if grpc_listen or http_listen:
@@ -116,9 +134,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from authplane.controlplane.bootstrap import bootstrap_yaml
+    from authplane.controlplane.bootstrap import XdsClientTls, bootstrap_yaml
 
-    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, args.xds, args.admin_port, not args.sotw))
+    if (args.xds_client_cert is None) != (args.xds_client_key is None):
+        return _fail("authplane bootstrap: --xds-client-cert and --xds-client-key go together", 2)
+    if (args.xds_client_cert or args.xds_server_name) and not args.xds_ca:
+        return _fail("authplane bootstrap: --xds-client-cert and --xds-server-name need --xds-ca", 2)
+    tls = None
+    if args.xds_ca:
+        name = args.xds_server_name or args.xds.rpartition(":")[0].strip("[]")
+        tls = XdsClientTls(args.xds_ca, name, args.xds_client_cert, args.xds_client_key)
+    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, args.xds, args.admin_port, not args.sotw, tls))
     return 0
 
 
@@ -130,7 +156,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     except OSError as e:
         return _fail(f"authplane status: {e}")
     sys.stdout.write(json.dumps(doc, indent=2) + "\n" if args.json else format_status(doc))
+    if args.check:
+        problems = status_problems(doc)
+        for problem in problems:
+            print(f"authplane status --check: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     return 0
+
+
+def status_problems(doc: dict) -> list[str]:
+    """Why ``status --check`` fails: the last change was rejected, or a connected node does not run
+    its fleet's current version (disconnected nodes are left out: they may be gone for good)."""
+    out = []
+    if doc.get("last_reload_error"):
+        out.append(f"the last policy change was rejected at {doc['last_reload_error']['at']}")
+    out += [f"node {n['id']} (fleet {n['fleet']}) is {n['state']}" for n in doc["nodes"]
+            if n["connected"] and n["state"] != "in sync"]
+    return out
 
 
 def _address(value: str) -> str:
@@ -184,19 +226,22 @@ def _compile_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="authplane", description=__doc__)
+    from importlib.metadata import version
+
+    parser = _Parser(prog="authplane", description=(__doc__ or "").replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"authplane {version('authplane')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("validate", help="check policy files (exit 1 with path:line:col per problem)")
-    p.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
     p.add_argument("--envoy", action="store_true", help="also run envoy --mode validate on the result")
     _compile_flags(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("render", help="print the Envoy resources a fleet would receive")
-    p.add_argument("dir", nargs="?", default=DEFAULT_DIR)
-    p.add_argument("--fleet", required=True)
-    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
+    p.add_argument("--fleet", required=True, metavar="F", help="the fleet (Gateway spec.fleet) to render")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="output format (default: %(default)s)")
     p.add_argument("--static", action="store_true",
                    help="print a static Envoy bootstrap (routes inlined) instead of xDS resources")
     p.add_argument("--show-secrets", action="store_true",
@@ -205,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("serve", help="serve the policies to Envoy fleets over ADS, reloading on every save")
-    p.add_argument("dir", nargs="?", default=DEFAULT_DIR)
+    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
     p.add_argument("--xds", default="127.0.0.1:18000", type=_address, metavar="HOST:PORT",
                    help="ADS (gRPC) listen address")
     p.add_argument("--admin", default="127.0.0.1:9100", type=_address, metavar="HOST:PORT",
@@ -224,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the decision service in N processes sharing its ports (default 1; 0: in this "
                    "process, where checks wait while a reload holds it)")
     p.add_argument("--no-authz", action="store_true", help="do not run the decision service")
+    p.add_argument("--xds-tls-cert", metavar="PEM", help="serve ADS over TLS with this certificate chain "
+                   "(re-read when it changes)")
+    p.add_argument("--xds-tls-key", metavar="PEM", help="the private key of --xds-tls-cert")
+    p.add_argument("--xds-client-ca", metavar="PEM", help="require client certificates signed by this CA; "
+                   "each Envoy gets only the fleets its certificate names (URI SAN .../fleet/<fleet>)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bootstrap", help="print the Envoy bootstrap of one fleet member")
@@ -236,17 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     protocol = p.add_mutually_exclusive_group()
     protocol.add_argument("--delta", action="store_true", help="incremental ADS (the default)")
     protocol.add_argument("--sotw", action="store_true", help="state-of-the-world ADS")
+    p.add_argument("--xds-ca", metavar="PEM", help="connect over TLS, trusting this CA for authplane's certificate "
+                   "(a path Envoy reads)")
+    p.add_argument("--xds-server-name", metavar="NAME",
+                   help="SNI and the name authplane's certificate must carry (default: the --xds host)")
+    p.add_argument("--xds-client-cert", metavar="PEM", help="this Envoy's fleet certificate (mutual TLS)")
+    p.add_argument("--xds-client-key", metavar="PEM", help="the private key of --xds-client-cert")
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("status", help="which Envoy runs which version, and what it rejected")
     p.add_argument("--admin", default="127.0.0.1:9100", type=_address, metavar="HOST:PORT",
                    help="authplane serve admin address")
     p.add_argument("--json", action="store_true", help="print the /status document")
+    p.add_argument("--check", action="store_true", help="exit 1 if the last policy change was rejected or a "
+                   "connected Envoy does not run its fleet's current version (for scripts and CI)")
     p.set_defaults(func=cmd_status)
 
     from authplane import demo
 
     demo.add_parser(sub)
+    demo.add_init_parser(sub)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the policy files")
     p.set_defaults(func=cmd_schema)

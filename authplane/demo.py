@@ -2,12 +2,18 @@
 
 Starts the development servers (echo upstream, identity provider, a BYO ext_authz sample) in this
 process, ``authplane serve`` and two Envoys of fleet ``edge`` as child processes, prints copy-paste
-commands mirroring the user stories, and stops everything it started on Ctrl-C or SIGTERM.
+commands mirroring the user stories, and stops everything it started on Ctrl-C, SIGTERM or SIGHUP
+(at start-up too). The children die with it even if it is killed (``PR_SET_PDEATHSIG``).
+
+The example policies ship in the package (``authplane/examples``); the demo writes them into
+``./authplane-demo/`` for the user to edit, and ``authplane init`` writes them anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.resources
 import os
 import shutil
 import signal
@@ -18,12 +24,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from authplane.envoy_bin import EnvoyProcess
+from authplane.envoy_bin import EnvoyProcess, die_with_parent
 
-# Fixed by the example policies in policies/ (Backends and Gateway listeners).
+# Fixed by the example policies (Backends and Gateway listeners).
 ECHO_PORT, SAMPLE_AUTHZ_PORT, IDP_PORT = 9080, 9500, 9400
 EDGE_PORT, LLM_PORT = 10000, 10001
 
@@ -73,16 +79,47 @@ def _cli_name() -> str:
     return rel if not rel.startswith("..") else own
 
 
+def example_files() -> dict[str, bytes]:
+    """The example policy set shipped in the package: relative path → content."""
+    out: dict[str, bytes] = {}
+
+    def walk(node: importlib.resources.abc.Traversable, prefix: str) -> None:
+        for child in node.iterdir():
+            rel = f"{prefix}{child.name}"
+            if child.is_dir():
+                walk(child, rel + "/")
+            elif not child.name.startswith("."):
+                out[rel] = child.read_bytes()
+
+    walk(importlib.resources.files("authplane") / "examples", "")
+    return dict(sorted(out.items()))
+
+
+def write_examples(directory: str) -> list[str]:
+    """Write the example set into ``directory``; refuses (FileExistsError) if any file exists."""
+    files = example_files()
+    clash = [rel for rel in files if os.path.lexists(os.path.join(directory, rel))]
+    if clash:
+        raise FileExistsError(f"{os.path.join(directory, clash[0])} already exists")
+    for rel, data in files.items():
+        path = os.path.join(directory, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "xb") as f:
+            f.write(data)
+    return list(files)
+
+
 def walkthrough(policy_dir: str, ports: Ports) -> str:
     """Copy-paste commands; request lines end with ``# expect <status>`` or ``# expect body <text>``
     (the demo's end-to-end test runs them and checks)."""
     edge, llm, idp = f"localhost:{EDGE_PORT}", f"localhost:{LLM_PORT}", f"localhost:{IDP_PORT}"
     code = "curl -s -o /dev/null -w '%{http_code}\\n'"
-    pol = policy_dir.rstrip("/")
+    pol = os.path.abspath(policy_dir)
     cli = _cli_name()
     heredoc_end = "YAML"
     return f"""
 authplane demo is running: two Envoys of fleet "edge" (edge-1, edge-2) share {edge} and {llm}.
+Policies: {pol} (edit them: every save is live).
 Copy the commands below into another terminal. Ctrl-C here stops everything.
 
 # 1. An unprotected route answers
@@ -117,9 +154,16 @@ curl -s -H "Authorization: Bearer $BOB" {edge}/api/items | grep x-user-id   # ex
 {code} -H "Authorization: Bearer $BOB" {edge}/api/admin/users   # expect 403
 {code} -H "Authorization: Bearer $ALICE" {edge}/api/admin/users   # expect 200
 
-# 6. authplane's own decision service (policies/builtin/sample.yaml)
+# 6. authplane's own decision service ({pol}/builtin/sample.yaml)
 {code} {edge}/sample   # expect 403
 {code} -H 'x-ext-authz: allow' {edge}/sample   # expect 200
+
+# 6b. Edit its rules: the header value "allow" becomes "granted"; status shows a new version
+sed -i.bak 's/x-ext-authz: .allow./x-ext-authz: [granted]/' {pol}/builtin/sample.yaml
+rm {pol}/builtin/sample.yaml.bak
+sleep 1
+{code} -H 'x-ext-authz: allow' {edge}/sample   # expect 403
+{code} -H 'x-ext-authz: granted' {edge}/sample   # expect 200
 
 # 7. Remove the policy of step 2: the route is open again
 rm {pol}/demo-protect-open.yaml
@@ -203,17 +247,18 @@ def _start_dev_servers(stack: Stack) -> None:
 
 
 def _start_serve(stack: Stack, policy_dir: str, ports: Ports, work: str) -> subprocess.Popen[bytes]:
+    """Spawned with the stop signals held, so it is registered before a signal can interrupt."""
     _step(f"control plane (xDS :{ports.xds}, decisions :{ports.authz_grpc}/:{ports.authz_http}, admin :{ports.admin})")
     log_path = os.path.join(work, "serve.log")
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb") as log, _signals_held():
         serve = subprocess.Popen(
             _authplane("serve", policy_dir, "--xds", f"127.0.0.1:{ports.xds}", "--admin", f"127.0.0.1:{ports.admin}",
                        "--authz-grpc-listen", f"127.0.0.1:{ports.authz_grpc}",
                        "--authz-http-listen", f"127.0.0.1:{ports.authz_http}",
                        "--authz-grpc", f"127.0.0.1:{ports.authz_grpc}",
                        "--authz-http", f"127.0.0.1:{ports.authz_http}"),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    stack.stops.append(lambda: _terminate(serve))
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
+        stack.stops.append(lambda: _terminate(serve))
     try:
         _wait_http(f"http://127.0.0.1:{ports.admin}/healthz", 30, want=200)
     except RuntimeError:
@@ -233,15 +278,30 @@ def _start_envoys(stack: Stack, ports: Ports, work: str) -> None:
         path = os.path.join(work, f"{node}.yaml")
         with open(path, "w") as f:
             f.write(boot)
-        envoy = EnvoyProcess(path, log_path=os.path.join(work, f"{node}.log"))
-        envoy.start()
-        stack.stops.append(envoy.stop)
+        envoy = EnvoyProcess(path, log_path=os.path.join(work, f"{node}.log"), with_parent=True)
+        stack.stops.append(envoy.stop)  # before start(): it blocks until Envoy's admin is up
+        with _signals_held():
+            envoy.start_process()
+        envoy.wait_admin()
         envoy.wait_ready(60)
         _ok()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _Stop(Exception):
-    """Ctrl-C or SIGTERM: stop everything started so far, at start-up too."""
+    """Ctrl-C, SIGTERM or SIGHUP (terminal closed): stop everything started so far, at start-up too."""
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold the stop signals while a child is spawned and registered; they arrive right after."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -251,29 +311,35 @@ def _interrupt(signum: int, _frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     ports = Ports(args.xds_port, args.admin_port, args.authz_grpc_port, args.authz_http_port,
                   tuple(args.envoy_admin_ports))
-    if not os.path.isdir(args.dir):
-        print(f"authplane demo: no policy directory {args.dir!r} (run it from the repository root, "
-              "or pass the directory)", file=sys.stderr)
-        return 2
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     busy = busy_ports(ports.all())
     if busy:
         print("authplane demo: cannot start:\n  " + "\n  ".join(busy), file=sys.stderr)
         print("Stop what uses them, or move the control-plane ports with the flags named above.", file=sys.stderr)
         return 1
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _interrupt)
+    directory = os.path.abspath(args.dir)
+    if os.path.isdir(directory) and os.listdir(directory):
+        print(f"Using the policies in {directory}", flush=True)
+    else:
+        try:
+            write_examples(directory)
+        except OSError as e:
+            print(f"authplane demo: cannot write the example policies: {e}", file=sys.stderr)
+            return 1
+        print(f"Wrote the example policies to {directory}", flush=True)
     stack = Stack()
     work = tempfile.mkdtemp(prefix="authplane-demo-")
     stack.stops.append(lambda: shutil.rmtree(work, ignore_errors=True))
     try:
         print("Starting the authplane demo stack on 127.0.0.1:", flush=True)
         _start_dev_servers(stack)
-        serve = _start_serve(stack, args.dir, ports, work)
+        serve = _start_serve(stack, directory, ports, work)
         _start_envoys(stack, ports, work)
         _step("waiting for the listeners")
         _wait_http(f"http://127.0.0.1:{EDGE_PORT}/healthz", 30, want=200)
         _ok()
-        print(walkthrough(args.dir, ports), flush=True)
+        print(walkthrough(directory, ports), flush=True)
         while serve.poll() is None:
             time.sleep(0.2)
         print(f"authplane serve exited ({serve.returncode}); stopping", file=sys.stderr)
@@ -285,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nauthplane demo: {e}", file=sys.stderr)
         return 1
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         stack.stop()
         print("Stopped.", flush=True)
@@ -305,12 +371,18 @@ def token(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="run the local demo stack (control plane, two Envoys, echo, identity provider)")
-    p.add_argument("--policies", dest="dir", default="policies", metavar="DIR")
-    p.add_argument("--xds-port", type=int, default=18000)
-    p.add_argument("--admin-port", type=int, default=9100)
-    p.add_argument("--authz-grpc-port", type=int, default=9001)
-    p.add_argument("--authz-http-port", type=int, default=9002)
-    p.add_argument("--envoy-admin-ports", type=int, nargs=2, default=(9901, 9902), metavar=("EDGE1", "EDGE2"))
+    p.add_argument("--dir", "--policies", dest="dir", default="authplane-demo", metavar="DIR",
+                   help="policy directory; the example set is written there if it is missing or empty "
+                   "(default: %(default)s)")
+    p.add_argument("--xds-port", type=int, default=18000, metavar="N", help="xDS port (default: %(default)s)")
+    p.add_argument("--admin-port", type=int, default=9100, metavar="N",
+                   help="admin port: /status, /metrics (default: %(default)s)")
+    p.add_argument("--authz-grpc-port", type=int, default=9001, metavar="N",
+                   help="decision service gRPC port (default: %(default)s)")
+    p.add_argument("--authz-http-port", type=int, default=9002, metavar="N",
+                   help="decision service HTTP port (default: %(default)s)")
+    p.add_argument("--envoy-admin-ports", type=int, nargs=2, default=(9901, 9902), metavar=("EDGE1", "EDGE2"),
+                   help="admin ports of the two Envoys (default: 9901 9902)")
     p.set_defaults(func=run)
     demo_sub = p.add_subparsers(dest="demo_command", parser_class=type(p))
     t = demo_sub.add_parser("token", help="print a token from the development identity provider")
@@ -320,3 +392,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     t.add_argument("--aud", default="api")
     t.add_argument("--ttl", type=int, default=3600, help="seconds")
     t.set_defaults(func=token)
+
+
+def init(args: argparse.Namespace) -> int:
+    directory = os.path.abspath(args.dir)
+    try:
+        written = write_examples(directory)
+    except FileExistsError as e:
+        print(f"authplane init: {e}; nothing written", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"authplane init: cannot write {directory}: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {len(written)} files to {directory}; check them with: authplane validate {directory}")
+    return 0
+
+
+def add_init_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("init", help="write the starter policy set (the demo's examples) into a directory")
+    p.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
+    p.set_defaults(func=init)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 
 class EnvoyNotFound(Exception):
@@ -43,29 +46,57 @@ def validate_config(config_yaml: str, timeout: float = 60) -> tuple[bool, str]:
     return proc.returncode == 0, out
 
 
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when its parent dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``), and starts it with no signal held (a parent may hold
+    them while it spawns). ``prctl`` is looked up here, in the parent, so the child only calls it."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    return setup
+
+
 class EnvoyProcess:
     """A real Envoy started from a bootstrap file, with its admin on an OS-chosen loopback port."""
 
     def __init__(self, bootstrap_path: str, log_path: str | None = None, concurrency: int = 1,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, with_parent: bool = False):
         self.bootstrap_path = bootstrap_path
         self._dir = tempfile.mkdtemp(prefix="authplane-envoy-")
         self.admin_path = os.path.join(self._dir, "admin")
         self.log_path = log_path or os.path.join(self._dir, "envoy.log")
         self.concurrency = concurrency
         self.extra_args = extra_args or []
+        self.with_parent = with_parent
+        """Envoy dies with this process (``die_with_parent``)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin: str = ""
 
     def start(self, timeout: float = 30) -> EnvoyProcess:
-        import time
+        self.start_process()
+        return self.wait_admin(timeout)
 
+    def start_process(self) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [envoy_path(), "-c", self.bootstrap_path, "--admin-address-path", self.admin_path,
                  "--disable-hot-restart", "--concurrency", str(self.concurrency),
                  "--log-level", "warning", *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent() if self.with_parent else None)
+
+    def wait_admin(self, timeout: float = 30) -> EnvoyProcess:
+        """Until Envoy has written its admin address; stops it if it does not."""
+        import time
+
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

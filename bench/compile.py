@@ -1,6 +1,6 @@
 """Compile time and peak memory for 100 / 1,000 / 10,000 routes, each with a route-level policy.
 
-Targets (PRODUCT.md): 1,000 routes ≤ 150 ms, 10,000 routes ≤ 1.5 s (compile: model → Envoy
+Targets (README, Figures): 1,000 routes ≤ 150 ms, 10,000 routes ≤ 1.5 s (compile: model → Envoy
 resources and versions). Loading and validating the YAML is reported separately.
 
     python bench/compile.py [--sizes 100,1000,10000] [--repeat 3]

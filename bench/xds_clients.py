@@ -1,6 +1,6 @@
 """Policy change → ACK from 1,000 simulated Delta xDS clients; control-plane memory per client.
 
-Targets (PRODUCT.md): p99 ≤ 1 s from the change until every client has ACKed; ≤ 0.5 MB of
+Targets (README, Figures): p99 ≤ 1 s from the change until every client has ACKed; ≤ 0.5 MB of
 control-plane memory per connected client.
 
 ``authplane serve`` runs as its own process; this process simulates the Envoys with grpcio

@@ -1,6 +1,6 @@
 """File save → the change is enforced by two real Envoys (one Delta, one SotW ADS).
 
-Target (PRODUCT.md): p99 ≤ 250 ms. Each edit flips an authorization rule of one route
+Target (README, Figures): p99 ≤ 250 ms. Each edit flips an authorization rule of one route
 (403 ↔ 200) by renaming a new version of the policy file over the old one (as editors save);
 the time runs from the rename until a kept-alive connection to *each* Envoy sees the new status.
 Everything (control plane, two Envoys, echo upstream, this client) shares this machine's loopback.

@@ -84,7 +84,7 @@ def test_bootstrap_misuse_is_one_line(cli, args):
 
 def test_example_bootstraps_are_current_and_valid(cli):
     paths = sorted(glob.glob(os.path.join(ROOT, "envoy", "*.yaml")))
-    assert {os.path.basename(p) for p in paths} >= {"edge-1.yaml", "edge-2.yaml", "internal-1.yaml"}
+    assert {os.path.basename(p) for p in paths} >= {"edge-1.yaml", "edge-2.yaml", "sso-1.yaml"}
     texts = []
     for path in paths:
         with open(path) as f:

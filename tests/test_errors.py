@@ -179,6 +179,19 @@ CASES = {
         {"r.yaml": route(RULE), "p.yaml": policy(
             TARGET + "  public: true\n  authorization: {default: deny}\n")},
         ["p.yaml:6:11: spec.public: public: true turns every check off; remove authorization"]),
+    "policy targets an unnamed rule by its derived name": (
+        {"r.yaml": route("  gateway: edge\n  rules: [{backend: echo}, {name: b, backend: echo}]\n"),
+         "p.yaml": policy("  targetRef: {kind: Route, name: r, rule: rule-0}\n  authorization: {default: deny}\n")},
+        ["p.yaml:5:43: spec.targetRef.rule: Route 'r' rule 'rule-0' has no name of its own (r.yaml:6:11); "
+         "give it `name:` to target it"]),
+    "policy targets a rule of a route without rule names": (
+        {"r.yaml": route("  gateway: edge\n  rules: [{backend: echo}]\n"),
+         "p.yaml": policy("  targetRef: {kind: Route, name: r, rule: a}\n  authorization: {default: deny}\n")},
+        ["p.yaml:5:43: spec.targetRef.rule: Route 'r' has no rule 'a' (none of its rules has a name)"]),
+    "explicit rule name clashes with a derived one": (
+        {"r.yaml": route("  gateway: edge\n  rules: [{name: rule-1, backend: echo}, {backend: echo}]\n")},
+        ["r.yaml:6:42: spec.rules[1]: duplicate rule name 'rule-1' (the name of this unnamed rule); "
+         "name the rule"]),
 }
 
 

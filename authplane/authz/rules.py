@@ -206,18 +206,30 @@ def _rule(r: Any, ignore_case: bool) -> Rule:
         headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in)
 
 
+def _key_text(item: Item[AuthPolicy], keys: ApiKeys, files: dict[str, str]) -> str:
+    path = key_file_path(item, keys)
+    text = files.get(path)
+    return read_file(path).decode("utf-8") if text is None else text
+
+
+def rules_digest(item: Item[AuthPolicy], files: dict[str, str]) -> str:
+    """A hash of what a builtin policy's decisions depend on besides the Envoy config (its rules,
+    the API key file): the compiler puts it in the routes' ext_authz settings, so a rule edit
+    changes the fleet's snapshot version like any other change."""
+    ext = item.obj.spec.ext_auth
+    assert ext is not None
+    digest = hashlib.sha256(item.obj.spec.model_dump_json(by_alias=True).encode())
+    if ext.api_keys:
+        digest.update(b"\0" + _key_text(item, ext.api_keys, files).encode())
+    return digest.hexdigest()[:12]
+
+
 def compile_policy(item: Item[AuthPolicy], files: dict[str, str], ignore_case: bool = False) -> CompiledPolicy:
     """One policy's builtin rules. Files are read from ``files`` (what validation read) first;
     ``ignore_case``: the target's gateway matches paths ignoring case."""
     ext = item.obj.spec.ext_auth
     assert ext is not None and ext.rules is not None
-    keys = None
-    if ext.api_keys:
-        path = key_file_path(item, ext.api_keys)
-        text = files.get(path)
-        if text is None:
-            text = read_file(path).decode("utf-8")
-        keys = KeyTable.build(ext.api_keys, text)
+    keys = KeyTable.build(ext.api_keys, _key_text(item, ext.api_keys, files)) if ext.api_keys else None
     jwt = item.obj.spec.jwt
     jwks_files: dict[str, str] = {}
     for prov in jwt.providers if jwt else []:

@@ -41,6 +41,8 @@ class ExtAuthIR:
     target: str
     spec: ExtAuth
     cluster: str
+    rules: str = ""
+    """Builtin service: the digest of the policy's rules (``authz.rules.rules_digest``)."""
 
 
 @dataclass(frozen=True)

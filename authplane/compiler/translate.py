@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from authplane.authz.rules import rules_digest
 from authplane.compiler.filters.oauth2 import cookie_name
 from authplane.compiler.ir import (
     ApiKeyIR,
@@ -68,7 +69,8 @@ def _checks(p: Policies, pol: Item[AuthPolicy], level: str, fleet: FleetIR,
             cluster = _backend_cluster(p, ea.service, fleet)
         ref = spec.target_ref
         target = f"{ref.kind}/{ref.name}" + (f"/{ref.rule}" if ref.rule else "")
-        ext = ExtAuthIR(pol.name, level, target, ea, cluster)
+        digest = rules_digest(pol, p.files) if ea.service == "builtin" else ""
+        ext = ExtAuthIR(pol.name, level, target, ea, cluster, digest)
     oidc = None
     if spec.oidc:
         found = p.oidc[pol.name]
@@ -175,12 +177,12 @@ def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]
                 spec = route.obj.spec
                 if spec.gateway != gw.name or (spec.listeners is not None and lst.name not in spec.listeners):
                     continue
-                for rule in spec.rules:
-                    pol = policy_for.get(("Route", route.name, rule.name)) or policy_for.get(
+                for rule, rule_name in zip(spec.rules, spec.rule_names(), strict=True):
+                    pol = (policy_for.get(("Route", route.name, rule.name)) if rule.name else None) or policy_for.get(
                         ("Route", route.name, None))
                     checks = _checks(p, pol, "route", fleet, opts) if pol else None
                     r = RouteIR(
-                        name=f"{route.name}/{rule.name}", match=rule.match,
+                        name=f"{route.name}/{rule_name}", match=rule.match,
                         cluster=_backend_cluster(p, rule.backend, fleet), timeout=rule.timeout,
                         checks=checks, public=bool(pol and pol.obj.spec.public),
                         origin=origin(route), specificity=specificity(rule.match))

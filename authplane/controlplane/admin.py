@@ -131,6 +131,15 @@ def format_status(doc: dict[str, Any]) -> str:
         lines += [f"  {p}" for p in error["problems"]]
     elif doc.get("last_reload_at"):
         lines.append(f"last reload: ok at {doc['last_reload_at']}")
+    refused = doc.get("refused") or []
+    if refused:
+        lines.append("")
+        lines.append("REFUSED xDS streams (fleet: not named by the client certificate, nothing sent; "
+                     "limit: a bound exceeded):")
+        lines += table(("NODE", "FLEET", "REASON", "TIMES", "LAST", "PEER"),
+                       [(r["id"] or "-", r["fleet"] or "-", r["reason"], str(r["count"]), r["last_at"], r["peer"])
+                        for r in refused])
+        lines += [f"  {printable(r['id'] or '-')}: {printable(r['message'])}" for r in refused]
     nodes = doc["nodes"]
     lines.append("")
     if not nodes:

@@ -150,6 +150,7 @@ class ControlPlane:
             "fleets": {f: {"version": s.version, "resources": {SECTION[t]: len(s.resources[t]) for t in SECTION}}
                        for f, s in rev.snapshots.items()},
             "nodes": self.tracker.status(),
+            "refused": self.tracker.refused_status(),
         }
 
 

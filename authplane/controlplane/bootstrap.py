@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
+from dataclasses import dataclass
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
 
 from authplane.compiler.ir import ClusterIR
 from authplane.compiler.pb import ads_source, duration, pack, socket_address
@@ -19,8 +23,45 @@ XDS_CLUSTER = "_authplane_xds"
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
 
 
+@dataclass(frozen=True)
+class XdsClientTls:
+    """TLS from this Envoy to authplane. Paths are Envoy's: it reads the files itself."""
+
+    ca: str
+    """Signs authplane's server certificate."""
+    server_name: str
+    """Sent as SNI (unless an IP address) and required among the server certificate's SANs."""
+    cert: str | None = None
+    key: str | None = None
+    """The fleet certificate (mutual TLS) and its key."""
+
+    def flags(self) -> list[str]:
+        flags = ["--xds-ca", self.ca, "--xds-server-name", self.server_name]
+        if self.cert is not None and self.key is not None:
+            flags += ["--xds-client-cert", self.cert, "--xds-client-key", self.key]
+        return flags
+
+
+def upstream_tls(tls: XdsClientTls) -> tls_pb2.UpstreamTlsContext:
+    try:
+        ipaddress.ip_address(tls.server_name)
+        san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+    except ValueError:
+        san_type = common_pb2.SubjectAltNameMatcher.DNS
+    ctx = tls_pb2.UpstreamTlsContext(sni=tls.server_name if san_type == common_pb2.SubjectAltNameMatcher.DNS else "")
+    common = ctx.common_tls_context
+    common.alpn_protocols.append("h2")
+    common.validation_context.trusted_ca.filename = tls.ca
+    common.validation_context.match_typed_subject_alt_names.add(
+        san_type=san_type, matcher=string_pb2.StringMatcher(exact=tls.server_name))
+    if tls.cert is not None and tls.key is not None:
+        pair = common.tls_certificates.add()
+        pair.certificate_chain.filename, pair.private_key.filename = tls.cert, tls.key
+    return ctx
+
+
 def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port: int = 9901,
-              delta: bool = True) -> bootstrap_pb2.Bootstrap:
+              delta: bool = True, tls: XdsClientTls | None = None) -> bootstrap_pb2.Bootstrap:
     host, port = split_address(xds)
     boot = bootstrap_pb2.Bootstrap()
     boot.node.id = node_id
@@ -44,6 +85,9 @@ def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port
                                     tls=False, sni=None, origin=None), eds=False)
     keepalive = xds_cluster.upstream_connection_options.tcp_keepalive  # notice a vanished control plane
     keepalive.keepalive_time.value, keepalive.keepalive_interval.value, keepalive.keepalive_probes.value = 30, 5, 3
+    if tls is not None:
+        xds_cluster.transport_socket.name = "envoy.transport_sockets.tls"
+        xds_cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(tls)))
     boot.static_resources.clusters.append(xds_cluster)
 
     monitor = boot.overload_manager.resource_monitors.add(
@@ -54,9 +98,11 @@ def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port
 
 
 def bootstrap_yaml(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port: int = 9901,
-                   delta: bool = True) -> str:
+                   delta: bool = True, tls: XdsClientTls | None = None) -> str:
     command = shlex.join(["authplane", "bootstrap", "--node-id", node_id, "--fleet", fleet, "--xds", xds,
-                          "--admin-port", str(admin_port), "--delta" if delta else "--sotw"])
+                          "--admin-port", str(admin_port), "--delta" if delta else "--sotw",
+                          *(tls.flags() if tls is not None else ())])
+    channel = "" if tls is None else " (mutual TLS)" if tls.cert else " (TLS)"
     header = (f"# Envoy bootstrap of node {node_id!r}, fleet {fleet!r}: configuration comes from authplane over "
-              f"{'Delta' if delta else 'SotW'} ADS.\n# Written by: {command}\n")
-    return header + dump(to_dict(bootstrap(node_id, fleet, xds, admin_port, delta)))
+              f"{'Delta' if delta else 'SotW'} ADS{channel}.\n# Written by: {command}\n")
+    return header + dump(to_dict(bootstrap(node_id, fleet, xds, admin_port, delta, tls)))

@@ -18,6 +18,10 @@ class Callbacks:
     def stream_closed(self, stream: Stream) -> None:
         """The stream ended (only called for streams that were opened)."""
 
+    def stream_refused(self, stream: Stream, reason: str, message: str) -> None:
+        """The stream is ended with an error: ``reason`` "fleet" (its certificate does not name
+        ``stream.fleet``; nothing was sent) or "limit" (it exceeded a bound)."""
+
     def request(self, stream: Stream, type_url: str) -> None:
         """Any request, including ACKs, NACKs and stale ones."""
 

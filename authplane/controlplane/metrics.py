@@ -25,6 +25,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.streams = Gauge("authplane_xds_streams", "Connected ADS streams", ["protocol"], registry=r)
+        self.refused = Counter("authplane_xds_refused_streams", "ADS streams ended by the server: fleet (not "
+                               "named by the client certificate) or limit (a bound exceeded)", ["reason"],
+                               registry=r)
         self.requests = Counter("authplane_xds_requests", "Discovery requests received (ACKs and NACKs included)",
                                 ["type"], registry=r)
         self.pushes = Counter("authplane_xds_pushes", "Discovery responses sent", ["type"], registry=r)
@@ -44,6 +47,8 @@ class Metrics:
             "cleared by the next good reload)", ["path", "line", "col"], registry=r)
         for result in ("applied", "unchanged", "error"):
             self.reloads.labels(result)
+        for reason in ("fleet", "limit"):
+            self.refused.labels(reason)
 
     def fleets(self, versions: dict[str, str], git: str | None) -> None:
         self.snapshot.clear()

@@ -13,6 +13,7 @@ from authplane.controlplane.callbacks import Callbacks
 from authplane.controlplane.delta import DeltaStream
 from authplane.controlplane.sotw import SotwStream
 from authplane.controlplane.stream import Refused, Stream
+from authplane.controlplane.tls import ServerCredentials, TlsFiles, peer_fleets
 
 log = logging.getLogger("authplane.xds")
 
@@ -35,6 +36,8 @@ class AdsService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.cache = cache
         self.callbacks = callbacks
         self.streams: set[Stream] = set()
+        self.fleets_from_certificates = False
+        """mTLS: a stream gets only the fleets its client certificate names."""
 
     async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> None:
         await self._run(SotwStream(self.cache, self.callbacks, context.peer()), request_iterator, context)
@@ -43,11 +46,14 @@ class AdsService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self._run(DeltaStream(self.cache, self.callbacks, context.peer()), request_iterator, context)
 
     async def _run(self, stream: Stream, requests: Any, context: Any) -> None:
+        if self.fleets_from_certificates:
+            stream.permitted = peer_fleets(context)
         self.streams.add(stream)
         try:
             await stream.serve(requests, context.write)
         except Refused as e:
             log.warning("xDS stream %d from %s refused: %s", stream.id, stream.peer, e)
+            self.callbacks.stream_refused(stream, e.reason, str(e))
             await context.abort(e.code, f"authplane: {e}")
         except Exception:  # a bug must end this stream only, never the server
             log.exception("xDS stream %d of node %r failed", stream.id, stream.node_id)
@@ -63,17 +69,27 @@ class AdsService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 class XdsServer:
     """The ADS endpoint as a component of ``serve`` (see ``app.Component``)."""
 
-    def __init__(self, address: str, cache: SnapshotCache, callbacks: Callbacks) -> None:
+    def __init__(self, address: str, cache: SnapshotCache, callbacks: Callbacks,
+                 tls: TlsFiles | None = None) -> None:
         self.requested = address
         self.service = AdsService(cache, callbacks)
         self.address = address
+        self.tls = tls
+        """TLS on the ADS port (files re-read on change); with a client CA, fleets from certificates."""
+        self.credentials: ServerCredentials | None = None
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
+        tls = self.tls
+        self.credentials = ServerCredentials(tls) if tls is not None else None  # OSError: bad files
+        self.service.fleets_from_certificates = tls is not None and tls.client_ca is not None
         server = grpc.aio.server(options=SERVER_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.service, server)
         try:
-            port = server.add_insecure_port(self.requested)
+            if self.credentials is None:
+                port = server.add_insecure_port(self.requested)
+            else:
+                port = server.add_secure_port(self.requested, self.credentials.credentials)
         except RuntimeError:
             port = 0
         if not port:
@@ -81,7 +97,13 @@ class XdsServer:
         self.address = f"{self.requested.rpartition(':')[0]}:{port}"
         await server.start()
         self._server = server
-        log.info("xDS (ADS, SotW and Delta) listening on %s", self.address)
+        mode = ("mutual TLS, fleets from client certificates" if self.service.fleets_from_certificates else
+                "TLS" if tls is not None else "plaintext")
+        log.info("xDS (ADS, SotW and Delta) listening on %s (%s)", self.address, mode)
+        if not self.service.fleets_from_certificates:
+            log.warning("xDS on %s does not authenticate clients: anything that reaches this port can read "
+                        "every fleet's configuration and secrets (use --xds-tls-cert, --xds-tls-key and "
+                        "--xds-client-ca)", self.address)
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._server is None:

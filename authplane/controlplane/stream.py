@@ -49,11 +49,13 @@ _stream_ids = itertools.count(1)
 
 
 class Refused(Exception):
-    """The client exceeded a bound: its stream ends with this gRPC status (the server goes on)."""
+    """The client exceeded a bound (``reason`` "limit") or asked for a fleet its certificate does
+    not name ("fleet"): its stream ends with this gRPC status (the server goes on)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "limit") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 def check_names(names: Any, what: str) -> None:
@@ -134,6 +136,8 @@ class Stream:
         self.cache = cache
         self.callbacks = callbacks
         self.peer = peer
+        self.permitted: frozenset[str] | None = None
+        """The fleets this client may receive (its certificate's); None: any (no client CA)."""
         self.node_id = ""
         self.fleet = ""
         self.opened_at = time.time()
@@ -227,6 +231,10 @@ class Stream:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{field_name} is {len(value)} characters long: at most {MAX_ID} allowed")
         self.node_id, self.fleet = node.id, node.cluster
+        if self.permitted is not None and self.fleet not in self.permitted:
+            named = ", ".join(repr(f) for f in sorted(self.permitted)) or "none"
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"fleet {self.fleet!r} (node.cluster) is not one "
+                          f"its client certificate names (fleets: {named})", reason="fleet")
         self.prepared = self.current()
         self.cache.watch(self.fleet, self)
         self.opened = True

@@ -27,6 +27,8 @@ log = logging.getLogger("authplane.xds")
 
 MAX_NODES = 20_000
 """Disconnected nodes are forgotten, oldest first, beyond this many known nodes."""
+MAX_REFUSALS = 100
+"""Refused (reason, node id, fleet) kept for status, the least recently refused forgotten first."""
 
 
 def iso(t: float | None) -> str | None:
@@ -59,11 +61,24 @@ def rejection_dict(rej: Rejection, active: bool) -> dict[str, Any]:
     }
 
 
+@dataclass(eq=False)
+class Refusal:
+    reason: str
+    node_id: str
+    fleet: str
+    peer: str
+    message: str
+    first_at: float = field(default_factory=time.time)
+    last_at: float = field(default_factory=time.time)
+    count: int = 1
+
+
 class Tracker(Callbacks):
     def __init__(self, cache: SnapshotCache, metrics: Metrics) -> None:
         self.cache = cache
         self.metrics = metrics
         self.nodes: dict[str, Node] = {}
+        self.refusals: dict[tuple[str, str, str], Refusal] = {}
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -100,6 +115,19 @@ class Tracker(Callbacks):
         elif stream is node.stream:
             node.disconnected_at = time.time()
             log.info("node %r disconnected", stream.node_id)
+
+    def stream_refused(self, stream: Stream, reason: str, message: str) -> None:
+        self.metrics.refused.labels(reason).inc()
+        key = (reason, stream.node_id, stream.fleet)
+        refusal = self.refusals.pop(key, None)
+        if refusal is None:
+            refusal = Refusal(reason, stream.node_id, stream.fleet, stream.peer, message)
+        else:
+            refusal.count, refusal.last_at, refusal.peer, refusal.message = (
+                refusal.count + 1, time.time(), stream.peer, message)
+        self.refusals[key] = refusal  # most recent last
+        while len(self.refusals) > MAX_REFUSALS:
+            del self.refusals[next(iter(self.refusals))]
 
     def request(self, stream: Stream, type_url: str) -> None:
         self.metrics.requests.labels(type_label(type_url)).inc()
@@ -162,4 +190,10 @@ class Tracker(Callbacks):
 
     def status(self) -> list[dict[str, Any]]:
         return [self.node_status(k, self.nodes[k]) for k in sorted(self.nodes)]
+
+    def refused_status(self) -> list[dict[str, Any]]:
+        """Refused streams, most recent first (``/status`` ``refused``)."""
+        return [{"reason": r.reason, "id": r.node_id, "fleet": r.fleet, "peer": r.peer, "message": r.message,
+                 "count": r.count, "first_at": iso(r.first_at), "last_at": iso(r.last_at)}
+                for r in reversed(self.refusals.values())]
 

@@ -127,8 +127,9 @@ class RouteMatch(Model):
 
 
 class RouteRule(Model):
-    name: Name
-    """Rule name, unique in the route; a policy can target one rule."""
+    name: Name | None = None
+    """Rule name, unique in the route; a policy that targets one rule needs it. Unnamed rules are
+    shown as ``rule-<index>`` (``rule-0`` for the first) in render and status."""
     match: RouteMatch = RouteMatch(path_prefix="/")
     """What requests this rule takes (default: every path)."""
     backend: Name
@@ -147,6 +148,10 @@ class RouteSpec(Model):
     rules: Annotated[list[RouteRule], Field(min_length=1)]
     """Rules. Envoy tries the rules of all routes of a host most specific first: exact paths,
     longer prefixes, regexes, then the catch-all prefix ``/``; more header conditions first."""
+
+    def rule_names(self) -> list[str]:
+        """Each rule's name, ``rule-<index>`` for a rule written without one."""
+        return [r.name or f"rule-{i}" for i, r in enumerate(self.rules)]
 
 
 # --- AuthPolicy --------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Envoy fixes ``failure_mode_allow`` and ``status_on_error`` per filter instance, 
 different failure settings get different instances. Every instance is disabled in the connection
 manager and enabled where a policy applies (virtual host for gateway level, route for route level)
 with ``ExtAuthzPerRoute``, which also carries the service (per-route override), its timeout and
-the context extensions that tell the builtin decision service which policy applies.
+the context extensions that tell the builtin decision service which policy applies (and carry
+the digest of its rules, so a rule edit changes the fleet's version though Envoy never reads them).
 
 ``service: builtin`` over HTTP (the default for builtin, see docs/decision-service.md): the policy
 travels in the per-route path prefix (``/envoy/<policy>``); Envoy sends the request headers and
@@ -102,6 +103,8 @@ def _filter(ir: ExtAuthIR) -> ea.ExtAuthz:
 def _per_route(ir: ExtAuthIR) -> any_pb2.Any:
     settings = ea.CheckSettings(context_extensions={
         "authplane.policy": ir.policy, "authplane.level": ir.level, "authplane.target": ir.target})
+    if ir.rules:
+        settings.context_extensions["authplane.rules"] = ir.rules
     svc = _service(ir, route=True)
     if isinstance(svc, grpc_service_pb2.GrpcService):
         settings.grpc_service.CopyFrom(svc)

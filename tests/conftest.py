@@ -44,6 +44,20 @@ def sample_authz_http() -> Iterator[SampleAuthzHttp]:
     server.stop()
 
 
+@pytest.fixture
+def processes() -> Iterator[tuple[list, list]]:
+    """(Envoys, serve processes) a test starts, stopped at the end whatever happens."""
+    import signal
+
+    envoys: list = []
+    serves: list = []
+    yield envoys, serves
+    for envoy in envoys:
+        envoy.stop()
+    for serve in serves:
+        serve.stop(signal.SIGKILL)
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",
                      help="rewrite tests/testdata/*.out.yaml from the current compiler")

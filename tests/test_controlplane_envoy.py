@@ -54,20 +54,8 @@ def flip(methods: str) -> str:
         """
 
 
-@pytest.fixture
-def stack(tmp_path):
-    """Started processes, stopped at the end whatever happens."""
-    envoys: list[EnvoyProcess] = []
-    serves: list[ServeProcess] = []
-    yield envoys, serves
-    for envoy in envoys:
-        envoy.stop()
-    for serve in serves:
-        serve.stop(signal.SIGKILL)
-
-
-def test_fleets_statuses_live_edits_and_rejected_changes(tmp_path, stack, jwks_file, idp, echo, sample_authz):
-    envoys, serves = stack
+def test_fleets_statuses_live_edits_and_rejected_changes(tmp_path, processes, jwks_file, idp, echo, sample_authz):
+    envoys, serves = processes
     edge_port, internal_port = free_port(), free_port()
     d = write_policies(str(tmp_path / "policies"), {
         "gateway.yaml": documents(
@@ -177,8 +165,8 @@ def test_fleets_statuses_live_edits_and_rejected_changes(tmp_path, stack, jwks_f
     assert serve.stop(signal.SIGINT) == 0
 
 
-def test_rejected_config_restart_and_unknown_fleet(tmp_path, stack, echo):
-    envoys, serves = stack
+def test_rejected_config_restart_and_unknown_fleet(tmp_path, processes, echo):
+    envoys, serves = processes
     port = free_port()
     d = write_policies(str(tmp_path / "policies"), {"gateway.yaml": documents(
         gateway("edge", port), backend("echo", echo.port), "kind: Route\nmetadata: {name: app}\n"
@@ -276,11 +264,11 @@ def builtin_policy(header_value: str) -> str:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_serve_runs_the_decision_service_and_reloads_its_rules(tmp_path, stack, echo, workers):
+def test_serve_runs_the_decision_service_and_reloads_its_rules(tmp_path, processes, echo, workers):
     """``serve`` alone is the whole control plane: Envoy's builtin ext_authz reaches the decision
     service (in the same process, or in worker processes), and a saved rule change is enforced
     like any other edit."""
-    envoys, serves = stack
+    envoys, serves = processes
     port, grpc_port, http_port = free_port(), free_port(), free_port()
     d = write_policies(str(tmp_path / "policies"), {
         "gateway.yaml": documents(gateway("edge", port), backend("echo", echo.port),

@@ -81,19 +81,8 @@ def http_status(url: str) -> int:
         return e.code
 
 
-@pytest.fixture
-def stack() -> Iterator[tuple[list[EnvoyProcess], list[ServeProcess]]]:
-    envoys: list[EnvoyProcess] = []
-    serves: list[ServeProcess] = []
-    yield envoys, serves
-    for envoy in envoys:
-        envoy.stop()
-    for serve in serves:
-        serve.stop(signal.SIGKILL)
-
-
-def test_allow_empty_restart_on_a_broken_directory_keeps_every_envoy_config(tmp_path, stack, echo):
-    envoys, serves = stack
+def test_allow_empty_restart_on_a_broken_directory_keeps_every_envoy_config(tmp_path, processes, echo):
+    envoys, serves = processes
     port = free_port()
     d = write_policies(str(tmp_path / "policies"), {"app.yaml": app_route(port, echo.port),
                                                     "policy.yaml": methods_policy("GET")})
@@ -240,8 +229,8 @@ def test_checks_get_their_answer_while_a_reload_holds_the_server(tmp_path, echo)
         plane.close()
 
 
-def test_a_second_stream_claiming_a_real_nodes_id_cannot_rewrite_its_status(tmp_path, stack, echo):
-    envoys, serves = stack
+def test_a_second_stream_claiming_a_real_nodes_id_cannot_rewrite_its_status(tmp_path, processes, echo):
+    envoys, serves = processes
     port = free_port()
     d = write_policies(str(tmp_path / "policies"), {"app.yaml": app_route(port, echo.port)})
     serves.append(serve := ServeProcess(d, str(tmp_path), 0, "--no-authz").wait_started())

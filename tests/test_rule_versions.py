@@ -5,9 +5,6 @@ show (the rules' digest is part of the fleet's Envoy config)."""
 from __future__ import annotations
 
 import json
-import signal
-
-import pytest
 
 from authplane.envoy_bin import EnvoyProcess
 from tests.controlplane_support import (
@@ -20,17 +17,6 @@ from tests.controlplane_support import (
     wait_for,
 )
 from tests.helpers import request, write_policies
-
-
-@pytest.fixture
-def stack():
-    envoys: list[EnvoyProcess] = []
-    serves: list[ServeProcess] = []
-    yield envoys, serves
-    for envoy in envoys:
-        envoy.stop()
-    for serve in serves:
-        serve.stop(signal.SIGKILL)
 
 
 def decide(action: str) -> str:
@@ -58,8 +44,8 @@ def snapshot_versions(serve: ServeProcess) -> set[str]:
             if name == "authplane_snapshot_info" and value == 1}
 
 
-def test_unnamed_rules_and_builtin_rule_edit_change_the_version(tmp_path, stack, echo):
-    envoys, serves = stack
+def test_unnamed_rules_and_builtin_rule_edit_change_the_version(tmp_path, processes, echo):
+    envoys, serves = processes
     port = free_port()
     d = write_policies(str(tmp_path / "policies"), {
         "gateway.yaml": documents(

@@ -36,9 +36,13 @@ def _load(text: str) -> None:
         compile_policies(load_texts({path: text}, root=HERE))
     except PolicyError as e:
         _check_problems(e, {path: text})
+    except CompileError as e:  # e.g. a truncated sample leaves two policies one logout path
+        assert _one_line(str(e)), f"CompileError not one printable line: {e!r}"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Fixed seeds (derandomize) and no example database: the suite runs the same cases every time.
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(SAMPLES), st.data())
 def test_truncated_and_mutated_samples(sample, data):
     cut = data.draw(st.integers(0, len(sample)))
@@ -49,7 +53,7 @@ def test_truncated_and_mutated_samples(sample, data):
     _load(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.text(max_size=200))
 def test_random_text(text):
     _load(text)
@@ -66,7 +70,7 @@ _tree = st.recursive(_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3
                      max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.sampled_from(["Gateway", "Backend", "Route", "AuthPolicy"]), _tree)
 def test_random_documents(kind, spec):
     text = yaml.safe_dump({"apiVersion": "authplane.dev/v1alpha1", "kind": kind,

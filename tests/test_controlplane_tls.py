@@ -29,7 +29,6 @@ from tests.controlplane_support import (
     documents,
     free_port,
     gateway,
-    metric_sum,
     sotw_request,
     wait_for,
 )
@@ -201,7 +200,6 @@ def test_fleet_certificates_decide_what_each_envoy_receives(tmp_path, pki, proce
     assert "impostor" not in {n["id"] for n in serve.status()["nodes"]}
     samples = serve.metrics()
     assert samples[("authplane_xds_refused_streams_total", (("reason", "fleet"),))] >= 3  # raw one + Envoy's two
-    assert metric_sum(samples, "authplane_xds_pushes_total") >= 1  # the raw edge client's response only
     shown = subprocess.run([sys.executable, "-m", "authplane.cli", "status", "--admin", serve.address],
                            capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0 and "REFUSED" in shown.stdout

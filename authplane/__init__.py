@@ -8,4 +8,6 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 __version__ = "0.1.0"
-API_VERSION = "authplane.dev/v1alpha1"
+from authplane.contract import API_VERSION
+
+__all__ = ["API_VERSION", "__version__"]

@@ -176,7 +176,7 @@ def status_problems(doc: dict) -> list[str]:
 
 
 def _address(value: str) -> str:
-    from authplane.controlplane import split_address
+    from authplane.addresses import split_address
 
     try:
         split_address(value)

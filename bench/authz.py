@@ -38,7 +38,8 @@ from authplane.authz.grpc_api import SERVICE  # noqa: E402
 from authplane.compiler.ir import CompileOptions  # noqa: E402
 from authplane.devtools.idp import DevIdentityProvider  # noqa: E402
 from authplane.envoy_bin import EnvoyProcess  # noqa: E402
-from tests.helpers import start_static_envoy, write_policies  # noqa: E402
+from tests.support.policies import write_policies  # noqa: E402
+from tests.support.processes import start_static_envoy  # noqa: E402
 
 UPSTREAM = """
 admin: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}

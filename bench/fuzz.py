@@ -1,6 +1,6 @@
 """Many more fuzz cases than the suite runs: mutated policy directories, CheckRequest bytes (gRPC)
 and raw HTTP requests (Envoy HTTP mode, forward auth) to the decision service, ADS streams to the
-control plane; the generators and checks of tests/test_fuzz.py and tests/test_fuzz_wire.py.
+control plane; the generators and checks of tests/policy/test_fuzz.py and tests/authz/test_fuzz_wire.py.
 
 Each batch runs in its own child process (memory capped with RLIMIT_AS) with a per-case timer;
 the parent counts outcomes, hangs and each batch's peak RSS. Target (issue 9): zero unexpected
@@ -47,15 +47,15 @@ class ErrorLog(logging.Handler):
 
 
 def _policy_runner() -> tuple[Callable[[int], str], Callable[[], None]]:
-    from tests.test_fuzz import policy_case, run_policy_case
+    from tests.policy.test_fuzz import policy_case, run_policy_case
 
     return (lambda seed: "valid" if run_policy_case(policy_case(seed)) else "rejected"), lambda: None
 
 
 def _decision_service() -> Any:
-    from tests.authz_support import ServiceThread
-    from tests.helpers import write_policies
-    from tests.test_authz_service import SAMPLE
+    from tests.authz.test_authz_service import SAMPLE
+    from tests.support.policies import write_policies
+    from tests.support.processes import ServiceThread
 
     d = write_policies(tempfile.mkdtemp(prefix="fuzz-"), {"p.yaml": SAMPLE, "keys.txt": "acme: key-1\nglobex: key-2\n"})
     return ServiceThread(d)
@@ -66,7 +66,7 @@ def _check_runner() -> tuple[Callable[[int], str], Callable[[], None]]:
     from envoy.service.auth.v3 import external_auth_pb2 as pb
 
     from authplane.authz.grpc_api import SERVICE, GrpcFrontend
-    from tests.test_fuzz_wire import check_answer, check_case
+    from tests.authz.test_fuzz_wire import check_answer, check_case
 
     svc = _decision_service()
     frontend = GrpcFrontend(svc.svc.decider)
@@ -88,7 +88,7 @@ def _check_runner() -> tuple[Callable[[int], str], Callable[[], None]]:
 
 
 def _http_runner() -> tuple[Callable[[int], str], Callable[[], None]]:
-    from tests.test_fuzz_wire import check_http_answer, http_case, http_exchange
+    from tests.authz.test_fuzz_wire import check_http_answer, http_case, http_exchange
 
     svc = _decision_service()
 
@@ -104,9 +104,9 @@ def _ads_runner() -> tuple[Callable[[int], str], Callable[[], None]]:
     import grpc
 
     from authplane.controlplane.app import ControlPlane, ServeConfig
-    from tests.controlplane_support import InProcess, documents
-    from tests.helpers import write_policies
-    from tests.test_fuzz_wire import BACKEND, GATEWAY, ROUTES, ads_case, assert_serves_snapshot, run_ads_case
+    from tests.authz.test_fuzz_wire import BACKEND, GATEWAY, ROUTES, ads_case, assert_serves_snapshot, run_ads_case
+    from tests.support.policies import documents, write_policies
+    from tests.support.processes import InProcess
 
     d = write_policies(tempfile.mkdtemp(prefix="fuzz-"), {"all.yaml": documents(GATEWAY, BACKEND, ROUTES)})
     cp = ControlPlane(ServeConfig(d, xds="127.0.0.1:0", admin="127.0.0.1:0", watch=False))
@@ -140,7 +140,7 @@ def _frames(e: BaseException) -> str:
 
 
 def worker(kind: str, first: int, count: int, timeout: float, progress: str) -> dict[str, Any]:
-    from tests.test_fuzz import time_limit
+    from tests.policy.test_fuzz import time_limit
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
     errors = ErrorLog()

@@ -26,8 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from authplane.devtools.echo import EchoServer  # noqa: E402
-from tests.controlplane_support import ServeProcess, free_port, start_envoys, wait_for  # noqa: E402
-from tests.helpers import HEAD, request  # noqa: E402
+from tests.support.http import request  # noqa: E402
+from tests.support.policies import HEAD  # noqa: E402
+from tests.support.ports import free_port, wait_for  # noqa: E402
+from tests.support.processes import ServeProcess, start_envoys  # noqa: E402
 
 
 def builtin(name: str, target: str, value: str) -> str:

@@ -34,8 +34,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2  # noqa: E402
 from authplane.compiler.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE  # noqa: E402
 from authplane.compiler.snapshot import compile_policies  # noqa: E402
 from authplane.policy.loader import load_dir  # noqa: E402
-from tests.controlplane_support import ServeProcess  # noqa: E402
-from tests.helpers import HEAD  # noqa: E402
+from tests.support.policies import HEAD  # noqa: E402
+from tests.support.processes import ServeProcess  # noqa: E402
 
 ROUTES = 20
 

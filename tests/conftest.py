@@ -60,4 +60,5 @@ def processes() -> Iterator[tuple[list, list]]:
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",
-                     help="rewrite tests/testdata/*.out.yaml from the current compiler")
+                     help="rewrite the golden outputs in tests/testdata from the current compiler "
+                          "and delete stale ones")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from authplane.authz.rules import IDENTITY_HEADERS, CompiledPolicy, KeyTable, Matcher, Rule, trim_slash
+from authplane.authz.rules import CompiledPolicy, KeyTable, Matcher, Rule, trim_slash
+from authplane.contract import IDENTITY_HEADERS
 
 BROWSER = "text/html"
 

@@ -21,12 +21,10 @@ from google.rpc import status_pb2
 
 from authplane.authz.decider import Decider
 from authplane.authz.engine import Decision, Request, deny
-from authplane.compiler.filters.jwt_authn import NAME as JWT_FILTER
-from authplane.compiler.filters.jwt_authn import PAYLOAD_KEY
+from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, POLICY_KEY
 
 log = logging.getLogger("authplane.authz")
 SERVICE = "envoy.service.auth.v3.Authorization"
-POLICY_KEY = "authplane.policy"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _GRPC_OK, _PERMISSION_DENIED, _UNAUTHENTICATED = 0, 7, 16
 
@@ -102,8 +100,8 @@ class GrpcFrontend:
         http = attrs.request.http
         meta = attrs.metadata_context.filter_metadata
         payload = None
-        if JWT_FILTER in meta and PAYLOAD_KEY in meta[JWT_FILTER].fields:
-            payload = meta[JWT_FILTER].fields[PAYLOAD_KEY].struct_value
+        if JWT_FILTER in meta and JWT_PAYLOAD_KEY in meta[JWT_FILTER].fields:
+            payload = meta[JWT_FILTER].fields[JWT_PAYLOAD_KEY].struct_value
         req = Request(method=http.method, path=http.path, headers=http.headers,
                       source=attrs.source.address.socket_address.address, host=http.host,
                       scheme=http.scheme or "http",

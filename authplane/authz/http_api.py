@@ -28,11 +28,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authplane.authz.decider import Decider
 from authplane.authz.engine import Decision, Request, deny
-from authplane.authz.rules import CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER, CompiledPolicy
+from authplane.authz.rules import CompiledPolicy
 from authplane.authz.tokens import InvalidToken
+from authplane.contract import BUILTIN_HTTP_PREFIX, CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
 
 log = logging.getLogger("authplane.authz")
-ENVOY_PREFIX = "/envoy/"
 FORWARD_PREFIX = "/authz"
 POLICY_HEADER = "x-authplane-policy"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
@@ -125,7 +125,7 @@ class HttpFrontend:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
         try:
-            if raw.startswith(ENVOY_PREFIX):
+            if raw.startswith(BUILTIN_HTTP_PREFIX):
                 return self.envoy(request)
             if raw == FORWARD_PREFIX or raw.startswith((FORWARD_PREFIX + "/", FORWARD_PREFIX + "?")):
                 return await self._timed_async(self._forward_timer, self.forward(request))
@@ -155,7 +155,7 @@ class HttpFrontend:
 
     def envoy(self, request: web.BaseRequest) -> web.Response:
         start = time.perf_counter()
-        name, _, rest = request.raw_path[len(ENVOY_PREFIX):].partition("/")
+        name, _, rest = request.raw_path[len(BUILTIN_HTTP_PREFIX):].partition("/")
         pol = self.decider.policy(name)
         if isinstance(pol, Decision):
             return _response(pol)

@@ -8,76 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from authplane.policy.loader import Item, Policies, read_file
-from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuth, ExtAuthConditions, Jwt
-from authplane.policy.validate import read_jwks_file
-
-IDENTITY_HEADERS = ("x-auth-request-user", "x-auth-request-email", "x-auth-request-groups")
-"""Sent upstream on allow (``identityHeaders``), and answered by the forward-auth endpoint."""
-CLIENT_IP_HEADER = "x-authplane-client-ip"
-JWT_PAYLOAD_HEADER = "x-authplane-jwt-payload"
-"""HTTP mode: Envoy sets these on the check request from its own state (client address, verified
-JWT payload), replacing any client copy; they are never read from the client's request."""
+from authplane.policy.credentials import parse_api_keys
+from authplane.policy.loader import Item, Policies, Resolved
+from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class KeyFileError(ValueError):
-    """An API key file that cannot be used; the message never contains a key."""
-
-
-def parse_api_keys(text: str) -> dict[str, str]:
-    """``client-name: key`` lines (``#`` comments, blank lines) → {client: key}."""
-    out: dict[str, str] = {}
-    seen: set[str] = set()
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, key = line.partition(":")
-        name, key = name.strip(), key.strip().strip("'\"")
-        if not sep or not name or not key:
-            raise KeyFileError(f"line {n}: expected 'client-name: key'")
-        if name in out:
-            raise KeyFileError(f"line {n}: client {name!r} listed twice")
-        if key in seen:
-            raise KeyFileError(f"line {n}: client {name!r} reuses another client's key")
-        seen.add(key)
-        out[name] = key
-    if not out:
-        raise KeyFileError("no keys")
-    return out
-
-
-def key_file_path(item: Item[AuthPolicy], keys: ApiKeys) -> str:
-    return os.path.normpath(os.path.join(os.path.dirname(item.source.path), keys.file))
-
-
-def read_headers(ext: ExtAuth) -> list[str]:
-    """Request headers the builtin rules of ``ext`` read (what Envoy must send in HTTP mode)."""
-    names = {"accept"} | {h for r in ext.rules or [] for h in r.when.headers}
-    if ext.api_keys:
-        names.add(ext.api_keys.header)
-    return sorted(names)
-
-
-def upstream_headers(ext: ExtAuth) -> list[str]:
-    """Headers the builtin service may set upstream on allow (HTTP mode lets only these through)."""
-    names = {h for r in ext.rules or [] for h in r.upstream_headers}
-    if ext.identity_headers:
-        names.update(IDENTITY_HEADERS)
-    if ext.api_keys and ext.api_keys.client_header:
-        names.add(ext.api_keys.client_header)
-    return sorted(names)
-
-
-def response_headers(ext: ExtAuth) -> list[str]:
-    """Headers the builtin service may add to the client's response on allow."""
-    return sorted({h for r in ext.rules or [] for h in r.response_headers})
 
 
 def trim_slash(path: str) -> str:
@@ -147,16 +85,8 @@ class KeyTable:
     def build(cls, spec: ApiKeys, text: str) -> KeyTable:
         clients: dict[bytes, str] = {}
         for name, key in parse_api_keys(text).items():
-            if key.startswith("sha256:"):
-                try:
-                    digest = bytes.fromhex(key[7:])
-                except ValueError:
-                    raise KeyFileError(f"client {name!r}: sha256: needs 64 hex digits") from None
-                if len(digest) != 32:
-                    raise KeyFileError(f"client {name!r}: sha256: needs 64 hex digits")
-            else:
-                digest = hashlib.sha256(key.encode()).digest()
-            clients[digest] = name
+            hashed = key.startswith("sha256:")  # parse_api_keys checked the 64 hex digits
+            clients[bytes.fromhex(key[7:]) if hashed else hashlib.sha256(key.encode()).digest()] = name
         buckets: dict[bytes, tuple[tuple[bytes, str], ...]] = {}
         for digest, name in clients.items():
             buckets[digest[:8]] = (*buckets.get(digest[:8], ()), (digest, name))
@@ -206,48 +136,26 @@ def _rule(r: Any, ignore_case: bool) -> Rule:
         headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in)
 
 
-def _key_text(item: Item[AuthPolicy], keys: ApiKeys, files: dict[str, str]) -> str:
-    path = key_file_path(item, keys)
-    text = files.get(path)
-    return read_file(path).decode("utf-8") if text is None else text
-
-
-def rules_digest(item: Item[AuthPolicy], files: dict[str, str]) -> str:
-    """A hash of what a builtin policy's decisions depend on besides the Envoy config (its rules,
-    the API key file): the compiler puts it in the routes' ext_authz settings, so a rule edit
-    changes the fleet's snapshot version like any other change."""
-    ext = item.obj.spec.ext_auth
-    assert ext is not None
-    digest = hashlib.sha256(item.obj.spec.model_dump_json(by_alias=True).encode())
-    if ext.api_keys:
-        digest.update(b"\0" + _key_text(item, ext.api_keys, files).encode())
-    return digest.hexdigest()[:12]
-
-
-def compile_policy(item: Item[AuthPolicy], files: dict[str, str], ignore_case: bool = False) -> CompiledPolicy:
-    """One policy's builtin rules. Files are read from ``files`` (what validation read) first;
+def compile_policy(item: Item[AuthPolicy], resolved: Resolved, ignore_case: bool = False) -> CompiledPolicy:
+    """One policy's builtin rules, from what the resolve stage read (no file is opened here);
     ``ignore_case``: the target's gateway matches paths ignoring case."""
     ext = item.obj.spec.ext_auth
     assert ext is not None and ext.rules is not None
-    keys = KeyTable.build(ext.api_keys, _key_text(item, ext.api_keys, files)) if ext.api_keys else None
+    keys = (KeyTable.build(ext.api_keys, resolved.ext_keys)
+            if ext.api_keys and resolved.ext_keys is not None else None)
     jwt = item.obj.spec.jwt
-    jwks_files: dict[str, str] = {}
-    for prov in jwt.providers if jwt else []:
-        if prov.jwks.file is not None:
-            path, text = read_jwks_file(item, prov.jwks)
-            jwks_files[prov.name] = files.get(path, text)
     sources = [src for prov in jwt.providers for src in prov.from_ or []] if jwt else []
     credentials = ["authorization", "cookie"] + ([keys.header] if keys else [])
     credentials += [src.header for src in sources if src.header]  # forward auth reads tokens there
-    key_headers = tuple(sorted(set(credentials) | set(read_headers(ext))))
-    strip = upstream_headers(ext) + ([keys.header] if keys and not keys.forward else [])
+    key_headers = tuple(sorted(set(credentials) | set(ext.read_headers())))
+    strip = ext.upstream_headers() + ([keys.header] if keys and not keys.forward else [])
     return CompiledPolicy(
         name=item.name, rules=tuple(_rule(r, ignore_case) for r in ext.rules), keys=keys,
         identity_headers=ext.identity_headers, allow_ttl=ext.cache.allow_ttl,
         deny_ttl=ext.cache.deny_ttl, key_headers=key_headers,
         uses_source=any(r.when.source_cidrs for r in ext.rules),
         uses_url=any(r.deny.sign_in for r in ext.rules) or any(src.query for src in sources),
-        jwt=jwt, jwks_files=jwks_files,
+        jwt=jwt, jwks_files=dict(resolved.jwks),
         strip=tuple(h.lower() for h in strip))
 
 
@@ -269,7 +177,7 @@ def compile_table(policies: Policies, version: str) -> RuleTable:
     for name, item in policies.policies.items():
         ext = item.obj.spec.ext_auth
         if ext is not None and ext.service == "builtin" and ext.rules is not None:
-            compiled[name] = compile_policy(item, policies.files, not _case_sensitive(policies, item))
+            compiled[name] = compile_policy(item, policies.resolved[name], not _case_sensitive(policies, item))
     digest = hashlib.sha256(version.encode())
     for path in sorted(policies.files):
         digest.update(f"\0{path}\0".encode() + policies.files[path].encode())

@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from authplane.addresses import split_address
 from authplane.authz.decider import Decider
 from authplane.authz.grpc_api import GrpcFrontend
 from authplane.authz.http_api import HttpFrontend, http_server
@@ -28,13 +29,6 @@ from authplane.authz.tokens import cancel_fetches
 from authplane.policy.loader import Policies
 
 log = logging.getLogger("authplane.authz")
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"invalid address {address!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 class AuthzService:

@@ -12,9 +12,9 @@ loop the checks share."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import tempfile
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -22,13 +22,18 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from authplane.authz.rules import RuleTable, compile_table
 from authplane.authz.service import AuthzService
 from authplane.authz.workers import WorkerPool, start_workers
-from authplane.controlplane.store import Revision
+from authplane.policy.loader import Policies
 
 
-def revision_version(rev: Revision) -> str:
-    """One version for the rules of every fleet of a revision."""
-    fleets = ",".join(f"{f}={v}" for f, v in sorted(rev.versions().items()))
-    return hashlib.sha256(fleets.encode()).hexdigest()[:12]
+class Revision(Protocol):
+    """What the decision service needs of a control-plane revision (``controlplane.store.Revision``
+    has it; declared here so that the decision service does not import the control plane)."""
+
+    @property
+    def policies(self) -> Policies | None: ...
+
+    @property
+    def rules_version(self) -> str: ...
 
 
 class InProcess:
@@ -42,7 +47,7 @@ class InProcess:
     def on_revision(self, rev: Revision) -> None:
         """Raises (rejecting the revision, keeping the old rules) if the rules do not compile."""
         if rev.policies is not None:
-            self.service.update(rev.policies, revision_version(rev))
+            self.service.update(rev.policies, rev.rules_version)
 
     async def start(self) -> None:
         await self.service.start(self.grpc_addr, self.http_addr)
@@ -70,7 +75,7 @@ class Workers:
     def on_revision(self, rev: Revision) -> None:
         if rev.policies is None:
             return
-        table = compile_table(rev.policies, revision_version(rev))
+        table = compile_table(rev.policies, rev.rules_version)
         if self.pool is not None:
             self.pool.update_table(table)
         self.table = table

@@ -39,7 +39,7 @@ log = logging.getLogger("authplane.authz")
 def _reserve(address: str, stack: ExitStack) -> str:
     """Resolve port 0 to a concrete port every worker can bind with SO_REUSEPORT. The reserving
     socket never listens, so it never receives connections."""
-    from authplane.authz.service import split_address
+    from authplane.addresses import split_address
 
     host, port = split_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,15 +1,20 @@
 """The intermediate representation: what one fleet gets, with the policy sources resolved.
 
 The IR is the only input of the Envoy translators in ``filters/`` and ``resources.py``: plain frozen
-dataclasses, per listener, with gateway-level and route-level checks kept apart (layering).
+dataclasses, per listener, with gateway-level and route-level checks kept apart (layering). A
+policy's checks are carried as written (``Checks.spec``) with what the resolve stage read for it
+(``Checks.resolved``); each filter module reads the sections it translates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from authplane.policy.model import ApiKey, Authorization, BasicAuth, ExtAuth, Jwt, Oidc, RouteMatch
-from authplane.policy.oidc import Endpoints
+from authplane.policy.loader import Resolved
+from authplane.policy.model import AuthPolicySpec, RouteMatch
+
+LEVELS = ("gateway", "route")
+"""The levels a policy applies at (``Checks.level``), in the order their filter instances run."""
 
 
 @dataclass(frozen=True)
@@ -27,63 +32,21 @@ class Origin:
 
 
 @dataclass(frozen=True)
-class JwtIR:
-    policy: str
-    spec: Jwt
-    jwks_files: dict[str, str]
-    """provider name → inlined JWKS file content."""
-
-
-@dataclass(frozen=True)
-class ExtAuthIR:
-    policy: str
-    level: str
-    target: str
-    spec: ExtAuth
-    cluster: str
-    rules: str = ""
-    """Builtin service: the digest of the policy's rules (``authz.rules.rules_digest``)."""
-
-
-@dataclass(frozen=True)
-class BasicAuthIR:
-    policy: str
-    spec: BasicAuth
-    htpasswd: str
-    """The users as Envoy reads them: ``user:{SHA}<hash>`` lines, comments dropped."""
-
-
-@dataclass(frozen=True)
-class ApiKeyIR:
-    policy: str
-    spec: ApiKey
-    credentials: tuple[tuple[str, str], ...]
-    """(key, client name) pairs of the key file."""
-
-
-@dataclass(frozen=True)
-class OidcIR:
-    policy: str
-    spec: Oidc
-    endpoints: Endpoints
-    client_secret: bytes = field(repr=False)
-    hmac_secret: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
 class Checks:
     """The checks of one AuthPolicy, at one level (gateway or route)."""
 
     policy: str
     level: str  # "gateway" | "route"
     origin: Origin
-    jwt: JwtIR | None = None
-    authorization: Authorization | None = None
-    ext_auth: ExtAuthIR | None = None
-    basic_auth: BasicAuthIR | None = None
-    api_key: ApiKeyIR | None = None
-    oidc: OidcIR | None = None
-    """With ``oidc``, ``jwt`` holds the check of the ID token cookie that the oauth2 filter sets."""
+    spec: AuthPolicySpec
+    resolved: Resolved = field(repr=False)
+    """What the resolve stage read for the policy (JWKS, users, keys, OIDC endpoints and secrets)."""
+
+    @property
+    def target(self) -> str:
+        """The policy's ``targetRef`` as ``Kind/name[/rule]``."""
+        ref = self.spec.target_ref
+        return f"{ref.kind}/{ref.name}" + (f"/{ref.rule}" if ref.rule else "")
 
 
 @dataclass(frozen=True)
@@ -96,6 +59,21 @@ class RouteIR:
     public: bool
     origin: Origin
     specificity: tuple[int, ...] = ()
+
+
+def specificity(match: RouteMatch) -> tuple[int, ...]:
+    """Sort key, most specific first: exact paths, longer prefixes, regexes, the catch-all ``/``;
+    within one kind, more header conditions first, then rules with methods."""
+    prefix = (match.path_prefix or "/").rstrip("/")
+    if match.path is not None:
+        kind, length = 0, len(match.path)
+    elif match.path_regex is not None:
+        kind, length = 2, 0
+    elif prefix:
+        kind, length = 1, len(prefix)
+    else:
+        kind, length = 3, 0
+    return (kind, -length, -len(match.headers), 0 if match.methods else 1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +97,7 @@ class ListenerIR:
     """The gateway's ``pathMatching``: path rules and route path matches heed case."""
     reject_ambiguous: bool = True
     """The gateway's ``pathMatching``: a guard route answers 400 to ambiguous paths."""
+    env: Env = field(default_factory=lambda: Env(CompileOptions(), {}), repr=False, compare=False)
 
     @property
     def route_config_name(self) -> str:
@@ -168,6 +147,15 @@ class CompileOptions:
 
     authz_grpc: str = "127.0.0.1:9001"
     authz_http: str = "127.0.0.1:9002"
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a filter module needs besides the policy: the addresses of authplane's own decision
+    service and the clusters of the fleet's Backends (a check may name one as its service)."""
+
+    opts: CompileOptions
+    backends: dict[str, ClusterIR]
 
 
 @dataclass

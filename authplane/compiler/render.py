@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 from typing import Any
 
@@ -16,6 +18,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
+from pydantic import BaseModel
 from udpa.annotations import sensitive_pb2
 
 from authplane.compiler.pb import pack
@@ -43,6 +46,31 @@ def snapshot_dict(snap: Snapshot, show_secrets: bool = False) -> dict[str, Any]:
         "resources": {SECTION[t]: [to_dict(m, show_secrets) for m in snap.resources[t].values()]
                       for t in SECTION if t != SECRET or snap.resources[t]},
     }
+
+
+def ir_dict(fleets: dict[str, Any]) -> dict[str, Any]:
+    """The IR (``translate.build``'s result) as plain data for YAML, walked generically: dataclass
+    fields (without those declared ``repr=False``: they hold secrets), policy models as their YAML
+    (defaults left out), tuples as lists, dict keys as strings."""
+    return {str(name): _plain(fleet) for name, fleet in fleets.items()}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_plain(v) for v in value]
+        return items if isinstance(value, list | tuple) else sorted(items, key=repr)
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, bytes | bytearray):
+        # only secrets are bytes in the IR; one outside a repr=False field must not be printed
+        raise TypeError("ir_dict: bytes outside a repr=False field")
+    return value
 
 
 _NOT_SECRET = frozenset({"envoy.extensions.filters.http.ext_authz.v3.CheckSettings.context_extensions"})

@@ -19,7 +19,8 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from authplane.compiler.filters import ORDER, oauth2, router
+from authplane.compiler.filters import ORDER, router
+from authplane.compiler.filters.base import disable
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
 from authplane.compiler.pb import ads_source, duration, pack, socket_address
 
@@ -35,7 +36,7 @@ wait for them while the listener warms."""
 
 
 def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    return [f for module in ORDER for f in module.http_filters(lst)]
+    return [f for filt in ORDER for f in filt.http_filters(lst)]
 
 
 def listener(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> listener_pb2.Listener:
@@ -98,15 +99,11 @@ def _match(route: RouteIR, case_sensitive: bool) -> rc.RouteMatch:
     return out
 
 
-def _disabled() -> any_pb2.Any:
-    return pack(rc.FilterConfig(disabled=True))
-
-
 def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route_pb2.RouteConfiguration:
-    auth_filters = [f.name for f in filters if f.name != router.NAME]
+    auth_filters = [f.name for f in filters if f.name != router.FILTER.name()]
     vhost_cfg: dict[str, any_pb2.Any] = {}
-    for module in ORDER:
-        vhost_cfg.update(module.vhost_config(lst))
+    for filt in ORDER:
+        vhost_cfg.update(filt.vhost_config(lst))
     out = route_pb2.RouteConfiguration(name=lst.route_config_name)
     for vh in lst.virtual_hosts:
         vhost = out.virtual_hosts.add(name=vh.name, domains=vh.domains)
@@ -119,7 +116,7 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
                 direct_response=rc.DirectResponseAction(status=400, body=base_pb2.DataSource(
                     inline_string="authplane: ambiguous path (a ';' or a segment ending in '.')\n")))
             for f in auth_filters:
-                guard.typed_per_filter_config[f].CopyFrom(_disabled())
+                guard.typed_per_filter_config[f].CopyFrom(disable())
         for r in vh.routes:
             action = rc.RouteAction(cluster=r.cluster)
             if r.timeout is not None:
@@ -127,10 +124,10 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
             route = vhost.routes.add(name=r.name, match=_match(r, lst.case_sensitive), route=action)
             per: dict[str, any_pb2.Any] = {}
             if r.public:
-                per = {f: _disabled() for f in auth_filters}
+                per = {f: disable() for f in auth_filters}
             else:
-                for module in ORDER:
-                    per.update(module.route_config(lst, r))
+                for filt in ORDER:
+                    per.update(filt.route_config(lst, r))
             for key in sorted(per):
                 route.typed_per_filter_config[key].CopyFrom(per[key])
     return out
@@ -195,11 +192,12 @@ def fleet_resources(fleet: FleetIR) -> Resources:
         route_origins = list(dict.fromkeys(
             origins + [r.origin for vh in lst.virtual_hosts for r in vh.routes]))
         res.add(ROUTE, lst.route_config_name, route_configuration(lst, filters), *route_origins)
-        for module in ORDER:
-            for c in module.clusters(lst):
+        for filt in ORDER:
+            needs = filt.resources(lst)
+            for c in needs.clusters:
                 clusters.setdefault(c.name, c)
-        for secret in oauth2.secrets(lst):
-            res.add(SECRET, secret.name, secret, *origins)
+            for secret in needs.secrets:
+                res.add(SECRET, secret.name, secret, *origins)
     for name in sorted(clusters):
         c = clusters[name]
         res.add(CLUSTER, name, cluster(c), c.origin)

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from authplane.controlplane import split_address
+from authplane.addresses import split_address
 
 log = logging.getLogger("authplane.admin")
 

@@ -12,11 +12,11 @@ from envoy.extensions.resource_monitors.downstream_connections.v3 import downstr
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 
+from authplane.addresses import split_address
 from authplane.compiler.ir import ClusterIR
 from authplane.compiler.pb import ads_source, duration, pack, socket_address
 from authplane.compiler.render import dump, to_dict
 from authplane.compiler.resources import cluster
-from authplane.controlplane import split_address
 
 XDS_CLUSTER = "_authplane_xds"
 """Policy names start with a letter or digit, so no Backend can take this cluster name."""

@@ -9,10 +9,9 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from authplane.controlplane.cache import SnapshotCache
-from authplane.controlplane.callbacks import Callbacks
 from authplane.controlplane.delta import DeltaStream
 from authplane.controlplane.sotw import SotwStream
-from authplane.controlplane.stream import Refused, Stream
+from authplane.controlplane.stream import Callbacks, Refused, Stream
 from authplane.controlplane.tls import ServerCredentials, TlsFiles, peer_fleets
 
 log = logging.getLogger("authplane.xds")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -43,6 +44,12 @@ class Revision:
 
     def versions(self) -> dict[str, str]:
         return {fleet: snap.version for fleet, snap in self.snapshots.items()}
+
+    @property
+    def rules_version(self) -> str:
+        """One version for the builtin rules of every fleet (what decision logs and caches name)."""
+        fleets = ",".join(f"{f}={v}" for f, v in sorted(self.versions().items()))
+        return hashlib.sha256(fleets.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from envoy.config.core.v3 import base_pb2
 
 from authplane.compiler.resources import TYPE_ORDER
 from authplane.controlplane.cache import Prepared, SnapshotCache
-from authplane.controlplane.callbacks import Callbacks
 
 log = logging.getLogger("authplane.xds")
 
@@ -124,6 +123,35 @@ class TypeState:
 
     def in_sync(self, version: str) -> bool:
         return self.acked == version and not self.inflight and self.rejection is None
+
+
+class Callbacks:
+    """The one hook into stream events (go-control-plane's ``Callbacks``), declared beside the code
+    that calls it: status and metrics (``tracker.py``) use it. Every method is called on the event
+    loop and must not block; the defaults do nothing."""
+
+    def stream_opened(self, stream: Stream) -> None:
+        """The stream's first request arrived: ``stream.node_id`` and ``stream.fleet`` are known."""
+
+    def stream_closed(self, stream: Stream) -> None:
+        """The stream ended (only called for streams that were opened)."""
+
+    def stream_refused(self, stream: Stream, reason: str, message: str) -> None:
+        """The stream is ended with an error: ``reason`` "fleet" (its certificate does not name
+        ``stream.fleet``; nothing was sent) or "limit" (it exceeded a bound)."""
+
+    def request(self, stream: Stream, type_url: str) -> None:
+        """Any request, including ACKs, NACKs and stale ones."""
+
+    def response(self, stream: Stream, type_url: str, sent: Sent) -> None:
+        """A response was written."""
+
+    def ack(self, stream: Stream, type_url: str, sent: Sent) -> None:
+        """Envoy accepted ``sent``."""
+
+    def nack(self, stream: Stream, type_url: str, sent: Sent, error: str) -> None:
+        """Envoy rejected ``sent`` with ``error`` (its ``error_detail.message``); it keeps the
+        previous config, and the stream does not send the rejected content again."""
 
 
 class Stream:

@@ -19,9 +19,8 @@ from typing import Any
 
 from authplane.controlplane.admin import printable
 from authplane.controlplane.cache import SnapshotCache
-from authplane.controlplane.callbacks import Callbacks
 from authplane.controlplane.metrics import Metrics, type_label, type_name
-from authplane.controlplane.stream import Rejection, Sent, Stream
+from authplane.controlplane.stream import Callbacks, Rejection, Sent, Stream
 
 log = logging.getLogger("authplane.xds")
 

@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from authplane.errors import Problem
-from authplane.policy.loader import Item
-from authplane.policy.model import AuthPolicy
-
-
-def policy_file_path(item: Item[AuthPolicy], rel: str) -> str:
-    """A file named in a policy, relative to the policy file."""
-    return os.path.normpath(os.path.join(os.path.dirname(item.source.path), rel))
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
     """User name (htpasswd) or client name (key file)."""
-    secret: str
-    """``{SHA}<base64>`` (htpasswd) or the key."""
+    secret: str = field(repr=False)
+    """``{SHA}<base64>`` (htpasswd) or the key: never shown (repr, IR dumps, logs)."""
 
 
 def _lines(text: str) -> list[tuple[int, int, str]]:
@@ -74,15 +66,29 @@ def _is_sha1_base64(value: str) -> bool:
         return False
 
 
-def parse_key_file(path: str, text: str) -> tuple[list[Entry], list[Problem]]:
-    """``client-name: key`` lines; a client may have several keys, a key belongs to one client."""
-    entries: list[Entry] = []
-    problems: list[Problem] = []
-    owner: dict[str, str] = {}
+class KeyFileError(ValueError):
+    """An ``extAuth.apiKeys`` file that cannot be used; the message never contains a key."""
+
+
+def _client_keys(text: str) -> list[tuple[int, int, str, str]]:
+    """(line, column, client, key) of each ``client-name: key`` line; client or key is empty on a
+    malformed line. Keys may be quoted."""
+    out = []
     for n, col, line in _lines(text):
         client, sep, key = line.partition(":")
         client, key = client.strip(), key.strip().strip("'\"")
-        if not sep or not client or not key:
+        out.append((n, col, client, key) if sep else (n, col, "", ""))
+    return out
+
+
+def parse_key_file(path: str, text: str) -> tuple[list[Entry], list[Problem]]:
+    """``apiKey``: ``client-name: key`` lines; a client may have several keys, a key belongs to one
+    client. Keys are compared as written by Envoy, so hashed keys are refused."""
+    entries: list[Entry] = []
+    problems: list[Problem] = []
+    owner: dict[str, str] = {}
+    for n, col, client, key in _client_keys(text):
+        if not client or not key:
             problems.append(Problem(path, n, col, "", "expected 'client-name: key'"))
         elif key in owner:
             problems.append(Problem(path, n, col, "", f"client {client!r} reuses the key of client "
@@ -97,3 +103,31 @@ def parse_key_file(path: str, text: str) -> tuple[list[Entry], list[Problem]]:
     if not entries and not problems:
         problems.append(Problem(path, 1, 1, "", "no keys"))
     return entries, problems
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """``extAuth.apiKeys``: ``client-name: key`` lines → {client: key}, one key per client; a key
+    written ``sha256:<64 hex digits>`` is already hashed. Raises KeyFileError at the first bad line."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for n, _, name, key in _client_keys(text):
+        if not name or not key:
+            raise KeyFileError(f"line {n}: expected 'client-name: key'")
+        if name in out:
+            raise KeyFileError(f"line {n}: client {name!r} listed twice")
+        if key in seen:
+            raise KeyFileError(f"line {n}: client {name!r} reuses another client's key")
+        if key.startswith("sha256:") and not _is_hex_digest(key[7:]):
+            raise KeyFileError(f"client {name!r}: sha256: needs 64 hex digits")
+        seen.add(key)
+        out[name] = key
+    if not out:
+        raise KeyFileError("no keys")
+    return out
+
+
+def _is_hex_digest(value: str) -> bool:
+    try:
+        return len(bytes.fromhex(value)) == 32
+    except ValueError:
+        return False

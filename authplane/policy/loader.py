@@ -15,8 +15,9 @@ from typing import Any, Generic, TypeVar
 
 import pydantic
 
-from authplane import API_VERSION
+from authplane.contract import API_VERSION
 from authplane.errors import PolicyError, Problem
+from authplane.policy.credentials import Entry
 from authplane.policy.model import KINDS, AuthPolicy, Backend, Gateway, Route, SecretRef
 from authplane.policy.oidc import ResolvedOidc
 from authplane.policy.yamlpos import Document, Path, YamlProblem, load_documents
@@ -31,6 +32,11 @@ DEFAULT_MAX_FILE_SIZE = 4 * 1024 * 1024
 SETTLE_SECONDS = 0.03
 """``serve`` reads a policy file once its size and times have not changed for this long (waiting
 at most ten times as long), so a file being written is not applied half-written."""
+
+
+def relative_to(policy_file: str, rel: str) -> str:
+    """The path of a file a policy file names (JWKS, keys, secrets): relative to the policy file."""
+    return os.path.normpath(os.path.join(os.path.dirname(policy_file), rel))
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,10 @@ class Source:
     def __str__(self) -> str:
         return f"{self.path}:{self.line}:{self.col}"
 
+    def relative(self, rel: str) -> str:
+        """A file named in this document, relative to the document's file."""
+        return relative_to(self.path, rel)
+
 
 @dataclass(frozen=True)
 class Item(Generic[T]):
@@ -61,6 +71,23 @@ class Item(Generic[T]):
     @property
     def name(self) -> str:
         return self.obj.metadata.name
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one AuthPolicy's referenced files and discovery gave, read once by the resolve stage
+    (``resolve.py``); the compiler and the decision service read only this, never the files."""
+
+    jwks: dict[str, str] = field(default_factory=dict)
+    """``jwt`` provider name → its JWKS file's text (providers with ``jwks.file``)."""
+    users: tuple[Entry, ...] = ()
+    """``basicAuth``: the htpasswd file's users."""
+    keys: tuple[Entry, ...] = ()
+    """``apiKey``: the key file's (client, key) entries."""
+    ext_keys: str | None = field(default=None, repr=False)
+    """``extAuth.apiKeys``: the key file's text (the decision service hashes the keys)."""
+    oidc: ResolvedOidc | None = field(default=None, repr=False)
+    """``oidc``: endpoints (discovery) and secrets."""
 
 
 @dataclass
@@ -74,8 +101,8 @@ class Policies:
     policies: dict[str, Item[AuthPolicy]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     """Other files the policies read (JWKS files ...): path → content, part of the version."""
-    oidc: dict[str, ResolvedOidc] = field(default_factory=dict, repr=False)
-    """AuthPolicy name → its ``oidc`` section's endpoints and secrets, resolved at load time."""
+    resolved: dict[str, Resolved] = field(default_factory=dict, repr=False)
+    """AuthPolicy name → what its referenced files and OIDC discovery gave (the resolve stage)."""
     warnings: list[Problem] = field(default_factory=list)
     broken: set[tuple[str, str]] = field(default_factory=set)
     """(kind, name) of documents that failed to load: references to them are not reported again."""
@@ -338,7 +365,7 @@ def _secret_files(path: str, data: Any) -> dict[str, str]:
         for name in fields:
             value = value.get(name) if isinstance(value, dict) else None
         if isinstance(value, str):
-            out[os.path.normpath(os.path.join(os.path.dirname(path), value))] = "spec." + ".".join(fields)
+            out[relative_to(path, value)] = "spec." + ".".join(fields)
     return out
 
 
@@ -388,9 +415,11 @@ def load_texts(texts: dict[str, str], root: str = ".", max_file_size: int = DEFA
     for table_name in ("gateways", "backends", "routes", "policies"):
         table = getattr(policies, table_name)
         setattr(policies, table_name, dict(sorted(table.items())))
-    from authplane.policy.validate import validate  # cross-references need the whole set
+    from authplane.policy.resolve import resolve  # the later stages need the whole set
+    from authplane.policy.validate import validate
 
     problems += validate(policies)
+    problems += resolve(policies)
     if problems:
         raise PolicyError(_hide_secret_files(problems, texts, secrets))
     return policies

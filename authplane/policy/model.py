@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from authplane import API_VERSION
+from authplane.contract import API_VERSION, IDENTITY_HEADERS
 from authplane.policy.types import (
     CIDR,
     Duration,
@@ -531,6 +531,26 @@ class ExtAuth(Model):
         if isinstance(data, dict) and data.get("protocol") is None and "service" in data:
             data = {**data, "protocol": "http" if data["service"] == "builtin" else "grpc"}
         return data
+
+    def read_headers(self) -> list[str]:
+        """Request headers the builtin rules read (what Envoy must send in HTTP mode)."""
+        names = {"accept"} | {h for r in self.rules or [] for h in r.when.headers}
+        if self.api_keys:
+            names.add(self.api_keys.header)
+        return sorted(names)
+
+    def upstream_headers(self) -> list[str]:
+        """Headers the builtin service may set upstream on allow (HTTP mode lets only these through)."""
+        names = {h for r in self.rules or [] for h in r.upstream_headers}
+        if self.identity_headers:
+            names.update(IDENTITY_HEADERS)
+        if self.api_keys and self.api_keys.client_header:
+            names.add(self.api_keys.client_header)
+        return sorted(names)
+
+    def response_headers(self) -> list[str]:
+        """Headers the builtin service may add to the client's response on allow."""
+        return sorted({h for r in self.rules or [] for h in r.response_headers})
 
 
 class AuthPolicySpec(Model):

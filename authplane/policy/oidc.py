@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from authplane.policy.model import Oidc, SecretRef
@@ -124,8 +125,10 @@ def endpoints(spec: Oidc) -> tuple[Endpoints, str | None]:
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 
 
-def read_secret(ref: SecretRef, base_dir: str, limit: int | None = None) -> tuple[bytes, str | None]:
-    """(secret, path of the file it came from, if any)."""
+def read_secret(ref: SecretRef, relative: Callable[[str], str],
+                limit: int | None = None) -> tuple[bytes, str | None]:
+    """(secret, path of the file it came from, if any); ``relative`` turns the policy's file name
+    into a path (``Source.relative``)."""
     from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, read_file
 
     if ref.env is not None:
@@ -135,7 +138,7 @@ def read_secret(ref: SecretRef, base_dir: str, limit: int | None = None) -> tupl
             raise OidcError(f"environment variable {name} is not set or empty")
         return value.encode(), None
     assert ref.file is not None
-    path = os.path.normpath(os.path.join(base_dir, ref.file))
+    path = relative(ref.file)
     try:
         value = read_file(path, limit or DEFAULT_MAX_FILE_SIZE).strip()
     except OSError as e:

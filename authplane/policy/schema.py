@@ -6,7 +6,7 @@ from typing import Any
 
 import pydantic
 
-from authplane import API_VERSION
+from authplane.contract import API_VERSION
 from authplane.policy.model import PolicyDocument
 
 

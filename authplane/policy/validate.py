@@ -1,46 +1,22 @@
-"""Checks across documents: references, one policy per target, files the policies read."""
+"""The validate stage: checks across documents (references, one policy per target, what each
+check needs from the others). Reading the files the policies name is the resolve stage's job
+(``resolve.py``)."""
 
 from __future__ import annotations
 
 import difflib
-import json
-import os
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 from pydantic.alias_generators import to_camel, to_snake
 
+from authplane.contract import RESERVED_HEADERS
 from authplane.errors import Problem
-from authplane.policy.credentials import Entry, parse_htpasswd, parse_key_file, policy_file_path
-from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, Item, Policies, Source, read_file
-from authplane.policy.model import AuthPolicy, ExtAuthRule, Jwks, Route, TargetRef
-from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
-from authplane.policy.oidc import endpoints as oidc_endpoints
+from authplane.policy.loader import Item, Policies, Source
+from authplane.policy.model import AuthPolicy, ExtAuthRule, Route, TargetRef
 
 CHECKS = ("jwt", "oidc", "authorization", "basicAuth", "apiKey", "extAuth")
 """The check sections of an AuthPolicy, as written in YAML."""
-
-_JWK_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}
-
-
-def usable_keys(jwks: Any) -> str | None:
-    """None when ``jwks`` holds at least one usable key, else what is wrong."""
-    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
-        return 'expected a JWKS: a JSON object with a "keys" list'
-    for key in jwks["keys"]:
-        if isinstance(key, dict) and all(key.get(m) for m in _JWK_MEMBERS.get(key.get("kty"), ("?",))):
-            return None
-    return "no usable key (each key needs kty RSA/EC/oct/OKP and its members, e.g. n and e for RSA)"
-
-
-def read_jwks_file(item: Item[AuthPolicy], jwks: Jwks, limit: int = DEFAULT_MAX_FILE_SIZE) -> tuple[str, str]:
-    """(absolute path, content) of a policy's JWKS file; OSError or UnicodeDecodeError if it
-    cannot be read."""
-    assert jwks.file is not None
-    path = os.path.normpath(os.path.join(os.path.dirname(item.source.path), jwks.file))
-    return path, read_file(path, limit).decode("utf-8")
-
 
 def validate(p: Policies) -> list[Problem]:
     problems: list[Problem] = []
@@ -139,7 +115,7 @@ def _policies(p: Policies, out: list[Problem]) -> None:
         elif not checks:
             out.append(src.problem(("spec",), f"the policy has no check: set {', '.join(CHECKS)} or public"))
         if spec.jwt:
-            _jwt(p, pol, out)
+            _jwt(pol, out)
         if spec.authorization:
             _names(pol, ("spec", "authorization", "rules"), spec.authorization.rules, out)
             route = p.routes.get(ref.name) if ref.kind == "Route" else None
@@ -148,12 +124,9 @@ def _policies(p: Policies, out: list[Problem]) -> None:
                 out.append(src.problem(("spec", "authorization"),
                                        "claims conditions need a jwt or oidc section in this policy or on the "
                                        "gateway"))
-        if spec.oidc:
-            _oidc(p, pol, out)
-        if spec.basic_auth:
-            _credential_file(p, pol, "basicAuth", spec.basic_auth.file, parse_htpasswd, out)
-        if spec.api_key:
-            _api_key(p, pol, out)
+        if spec.oidc and spec.jwt:
+            out.append(src.problem(("spec", "oidc"), "oidc checks the ID token itself; put bearer-token (jwt) "
+                                                     "checks in another policy"))
         if spec.ext_auth:
             _ext_auth(p, pol, out)
     for route_name, pols in by_route.items():
@@ -193,94 +166,10 @@ def _names(pol: Item[AuthPolicy], path: tuple[str, ...], things: list[Any], out:
         seen.add(thing.name)
 
 
-def _jwt(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
+def _jwt(pol: Item[AuthPolicy], out: list[Problem]) -> None:
     jwt = pol.obj.spec.jwt
     assert jwt is not None
     _names(pol, ("spec", "jwt", "providers"), jwt.providers, out)
-    for i, prov in enumerate(jwt.providers):
-        where = ("spec", "jwt", "providers", i, "jwks")
-        if prov.jwks.file is not None:
-            try:
-                path, text = read_jwks_file(pol, prov.jwks, p.max_file_size)
-            except (OSError, UnicodeDecodeError) as e:
-                reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
-                out.append(pol.source.problem((*where, "file"), f"cannot read JWKS file {prov.jwks.file!r}: "
-                                                                f"{reason}"))
-                continue
-            try:
-                problem = usable_keys(json.loads(text))
-            except ValueError as e:
-                problem = f"not JSON ({e})"
-            if problem:
-                out.append(pol.source.problem((*where, "file"), f"JWKS file {prov.jwks.file!r}: {problem}"))
-            else:
-                p.files[path] = text
-        elif prov.jwks.inline is not None:
-            problem = usable_keys(prov.jwks.inline)
-            if problem:
-                out.append(pol.source.problem((*where, "inline"), problem))
-
-
-def _credential_file(p: Policies, pol: Item[AuthPolicy], section: str, rel: str,
-                     parse: Callable[[str, str], tuple[list[Entry], list[Problem]]],
-                     out: list[Problem]) -> list[Entry]:
-    """Read and check an htpasswd or key file; its content becomes part of the version."""
-    path = policy_file_path(pol, rel)
-    try:
-        text = p.read_text(path)
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
-        out.append(pol.source.problem(("spec", section, "file"), f"cannot read {rel!r}: {reason}"))
-        return []
-    entries, problems = parse(path, text)
-    out.extend(problems)
-    p.files[path] = text
-    return entries
-
-
-def _oidc(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
-    """Resolve endpoints (discovery) and secrets; the secret files are watched like policy files."""
-    spec = pol.obj.spec.oidc
-    assert spec is not None
-    where = ("spec", "oidc")
-    if pol.obj.spec.jwt:
-        out.append(pol.source.problem((*where,), "oidc checks the ID token itself; put bearer-token (jwt) "
-                                                 "checks in another policy"))
-    base = os.path.dirname(pol.source.path)
-    secrets: dict[str, bytes] = {}
-    for name, ref in (("clientSecret", spec.client_secret), ("hmacSecret", spec.hmac_secret)):
-        if ref is None:
-            continue
-        try:
-            secrets[name], path = read_secret(ref, base, p.max_file_size)
-        except OidcError as e:
-            out.append(pol.source.problem((*where, name), str(e)))
-            continue
-        if path:
-            p.files[path] = secrets[name].decode(errors="replace")
-        if name == "hmacSecret" and len(secrets[name]) < 32:
-            out.append(pol.source.problem((*where, name), "needs at least 32 bytes"))
-    try:
-        found, warning = oidc_endpoints(spec)
-    except OidcError as e:
-        out.append(pol.source.problem((*where, "issuer"), str(e)))
-        return
-    if warning:
-        p.warnings.append(pol.source.problem((*where, "issuer"), warning))
-    if "clientSecret" in secrets:
-        client = secrets["clientSecret"]
-        p.oidc[pol.name] = ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec))
-
-
-def _api_key(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
-    spec = pol.obj.spec.api_key
-    assert spec is not None
-    entries = _credential_file(p, pol, "apiKey", spec.file, parse_key_file, out)
-    known = {e.name for e in entries}
-    for i, client in enumerate(spec.clients):
-        if entries and client not in known:
-            out.append(pol.source.problem(("spec", "apiKey", "clients", i),
-                                          f"no client {client!r} in the key file {spec.file!r}"))
 
 
 def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
@@ -292,13 +181,12 @@ def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
             if getattr(ext, name):
                 out.append(pol.source.problem((*where, to_camel(name)),
                                               "only used with your own HTTP service (Backend)"))
-        clients = _api_keys(p, pol, out) if ext.api_keys else None
         if not ext.rules:
             out.append(pol.source.problem((*where, "rules"),
                                           "service: builtin needs rules (no rule would deny every request)"))
         else:
             _names(pol, (*where, "rules"), ext.rules, out)
-            _builtin_rules(p, pol, clients, out)
+            _builtin_rules(p, pol, out)
     else:
         if ext.service not in p.backends:
             _missing(p, pol, (*where, "service"), "Backend", ext.service, out, " (or use builtin)")
@@ -311,51 +199,22 @@ def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
                                               f"{to_camel(name)} are only used with service: builtin"))
 
 
-def _api_keys(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> set[str] | None:
-    """Client names of the policy's API key file (its content becomes part of the version)."""
-    from authplane.authz.rules import KeyFileError, KeyTable, key_file_path
-
-    ext = pol.obj.spec.ext_auth
-    assert ext is not None and ext.api_keys is not None
-    where = ("spec", "extAuth", "apiKeys", "file")
-    path = key_file_path(pol, ext.api_keys)
-    try:
-        text = p.read_text(path)
-        table = KeyTable.build(ext.api_keys, text)
-    except OSError as e:
-        out.append(pol.source.problem(where, f"cannot read API key file {ext.api_keys.file!r}: {e.strerror}"))
-        return None
-    except (KeyFileError, UnicodeDecodeError) as e:
-        out.append(pol.source.problem(where, f"API key file {ext.api_keys.file!r}: {e}"))
-        return None
-    p.files[path] = text
-    return {name for bucket in table.buckets.values() for _, name in bucket}
-
-
 _NATIVE_DENY = ExtAuthRule.model_fields["deny"].default
 
 
-def _builtin_rules(p: Policies, pol: Item[AuthPolicy], clients: set[str] | None,
-                   out: list[Problem]) -> None:
-    from authplane.authz.rules import CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
-
+def _builtin_rules(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
     ext = pol.obj.spec.ext_auth
     assert ext is not None and ext.rules is not None
     where = ("spec", "extAuth", "rules")
     for i, rule in enumerate(ext.rules):
         for header in rule.when.headers:
-            if header in (CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER):
+            if header in RESERVED_HEADERS:
                 out.append(pol.source.problem((*where, i, "when", "headers"),
                                               f"{header} is set by Envoy for the decision service; "
                                               "use sourceCIDRs or claims"))
-        unknown = sorted(set(rule.when.api_keys) - {"*"} - (clients or set()))
-        if rule.when.api_keys and ext.api_keys is None:
+        if rule.when.api_keys and ext.api_keys is None:  # the clients are checked by resolve.py
             out.append(pol.source.problem((*where, i, "when", "apiKeys"),
                                           "apiKeys conditions need extAuth.apiKeys (the key file)"))
-        elif unknown and clients is not None and ext.api_keys is not None:
-            out.append(pol.source.problem((*where, i, "when", "apiKeys"),
-                                          f"no client {unknown[0]!r} in the API key file "
-                                          f"{ext.api_keys.file!r}"))
     if any(r.when.claims for r in ext.rules) and not pol.obj.spec.jwt:
         ref = pol.obj.spec.target_ref
         route = p.routes.get(ref.name) if ref.kind == "Route" else None

@@ -1,20 +1,7 @@
-"""One module per Envoy HTTP filter, each with the same four hooks (see ``base.FilterModule``).
+"""One module per Envoy HTTP filter, each a ``base.Filter`` subclass with one instance ``FILTER``.
 
-``ORDER`` is the one table that fixes the order of the HTTP filter chain:
-
-0. browser sign-in (OIDC, the oauth2 filter): it answers the callback and logout paths and sends
-   browsers without a session to sign in before any check can refuse them, and it keeps the ID
-   token cookie that the JWT check then verifies;
-1. the credential checks: JWT (after which ``oidc_session`` removes the sign-in cookies it read),
-   then HTTP Basic, then API keys. They only authenticate; each one
-   that applies must pass (401 otherwise). Basic and API keys come after JWT so that every
-   identity header they set (user name, client name, replacing any client copy) is in place
-   before anything reads headers;
-2. the native authorization rules (RBAC), which can therefore match verified claims and the
-   user/client headers the credential checks set;
-3. external authorization, so the decision service never sees a request the native checks
-   refused, and it receives the verified claims and identity headers;
-4. the router.
+``ORDER`` is the one table that registers them and fixes the order of the HTTP filter chain. The
+credential checks only authenticate; each one that applies must pass (401 otherwise).
 """
 
 from authplane.compiler.filters import (
@@ -27,9 +14,29 @@ from authplane.compiler.filters import (
     rbac,
     router,
 )
-from authplane.compiler.filters.base import FilterModule
+from authplane.compiler.filters.base import Filter
 
-ORDER: tuple[FilterModule, ...] = (
-    oauth2, jwt_authn, oidc_session, basic_auth, api_key_auth, rbac, ext_authz, router)
+ORDER: tuple[Filter, ...] = (
+    # Browser sign-in (OIDC) first: it answers the callback and logout paths and sends browsers
+    # without a session to sign in before any check can refuse them; it keeps the ID token cookie
+    # that the JWT check then verifies.
+    oauth2.FILTER,
+    # JWT: bearer tokens, and the ID token cookie of a sign-in session.
+    jwt_authn.FILTER,
+    # Right after the JWT check has read them, the sign-in cookies are removed (never upstream).
+    oidc_session.FILTER,
+    # HTTP Basic and API keys after JWT, so every identity header they set (user name, client
+    # name, replacing any client copy) is in place before anything reads headers.
+    basic_auth.FILTER,
+    api_key_auth.FILTER,
+    # The native authorization rules, after every credential check: they can match verified
+    # claims and the user/client headers the checks set.
+    rbac.FILTER,
+    # External authorization after the native checks: the decision service never sees a request
+    # they refused, and it receives the verified claims and identity headers.
+    ext_authz.FILTER,
+    # The router, always last.
+    router.FILTER,
+)
 
-__all__ = ["ORDER", "FilterModule"]
+__all__ = ["ORDER", "Filter"]

@@ -11,56 +11,56 @@ removes it if either level hides it.
 
 from __future__ import annotations
 
-from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.api_key_auth.v3 import api_key_auth_pb2 as ak
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from google.protobuf import any_pb2
 
-from authplane.compiler.ir import ApiKeyIR, ClusterIR, ListenerIR, RouteIR
-from authplane.compiler.pb import pack
-
-PREFIX = "envoy.filters.http.api_key_auth"
-LEVELS = ("gateway", "route")
+from authplane.compiler.filters.base import Filter, PerFilterConfig, enable, http_filter
+from authplane.compiler.ir import LEVELS, Checks, ListenerIR, RouteIR
+from authplane.policy.model import ApiKey
 
 
-def name(level: str) -> str:
-    return f"{PREFIX}.{level}"
+def _api_key(checks: Checks | None) -> ApiKey | None:
+    return checks.spec.api_key if checks else None
 
 
-def _per_route(ir: ApiKeyIR, hide: bool) -> any_pb2.Any:
-    kind, source = ir.spec.source
+def _per_route(checks: Checks, hide: bool) -> any_pb2.Any:
+    spec = checks.spec.api_key
+    assert spec is not None
+    kind, source = spec.source
     cfg = ak.ApiKeyAuthPerRoute(
-        credentials=[ak.Credential(key=key, client=client) for key, client in ir.credentials],
+        credentials=[ak.Credential(key=k.secret, client=k.name) for k in checks.resolved.keys],
         key_sources=[ak.KeySource(**{kind: source})],
-        allowed_clients=ir.spec.clients,
-        forwarding=ak.Forwarding(header=ir.spec.client_header or "", hide_credentials=hide))
-    return pack(rc.FilterConfig(config=pack(cfg)))
+        allowed_clients=spec.clients,
+        forwarding=ak.Forwarding(header=spec.client_header or "", hide_credentials=hide))
+    return enable(cfg)
 
 
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    levels = {c.level for c in lst.all_checks() if c.api_key is not None}
-    return [hcm.HttpFilter(name=name(lvl), disabled=True, typed_config=pack(ak.ApiKeyAuth()))
-            for lvl in LEVELS if lvl in levels]
+class ApiKeyAuth(Filter):
+    prefix = "envoy.filters.http.api_key_auth"
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        levels = {c.level for c in lst.all_checks() if c.spec.api_key is not None}
+        return [http_filter(self.name(lvl), ak.ApiKeyAuth(), disabled=True) for lvl in LEVELS if lvl in levels]
+
+    def vhost_config(self, lst: ListenerIR) -> PerFilterConfig:
+        gw = _api_key(lst.checks)
+        if lst.checks is None or gw is None:
+            return {}
+        return {self.name("gateway"): _per_route(lst.checks, hide=not gw.forward)}
+
+    def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
+        rt = _api_key(route.checks)
+        if route.checks is None or rt is None:
+            return {}
+        gw = _api_key(lst.checks)
+        shared = gw is not None and gw.source == rt.source and not gw.forward
+        out = {self.name("route"): _per_route(route.checks, hide=not rt.forward or shared)}
+        if lst.checks is not None and shared:
+            out[self.name("gateway")] = _per_route(lst.checks, hide=False)
+        return out
 
 
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    gw = lst.checks.api_key if lst.checks else None
-    return {name("gateway"): _per_route(gw, hide=not gw.spec.forward)} if gw else {}
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    rt = route.checks.api_key if route.checks else None
-    if rt is None:
-        return {}
-    gw = lst.checks.api_key if lst.checks else None
-    shared = gw is not None and gw.spec.source == rt.spec.source and not gw.spec.forward
-    out = {name("route"): _per_route(rt, hide=not rt.spec.forward or shared)}
-    if gw is not None and shared:
-        out[name("gateway")] = _per_route(gw, hide=False)
-    return out
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return []
+FILTER = ApiKeyAuth()

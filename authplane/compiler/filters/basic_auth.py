@@ -16,64 +16,51 @@ from __future__ import annotations
 
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2 as mutation
 from envoy.config.core.v3 import base_pb2
-from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.basic_auth.v3 import basic_auth_pb2 as ba
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2 as hm
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
-from google.protobuf import any_pb2
 
-from authplane.compiler.ir import BasicAuthIR, Checks, ClusterIR, ListenerIR, RouteIR
-from authplane.compiler.pb import pack
+from authplane.compiler.filters.base import Filter, PerFilterConfig, enable, http_filter
+from authplane.compiler.ir import Checks, ListenerIR
+from authplane.policy.model import BasicAuth
 
-PREFIX = "envoy.filters.http.basic_auth"
 STRIP = "envoy.filters.http.header_mutation.basic_auth"
 """Removes the ``Authorization`` header after the checks."""
 _NO_USERS = base_pb2.DataSource(inline_string="# users are set per virtual host and route\n")
 """Envoy refuses an instance without a users source; the instance is never used without a route's."""
 
 
-def name(level: str, ir: BasicAuthIR) -> str:
-    header = ir.spec.user_header
-    return f"{PREFIX}.{level}" + (f".{header}" if header else "")
+def _levels(lst: ListenerIR) -> list[tuple[str, BasicAuth]]:
+    return [(c.level, c.spec.basic_auth) for c in lst.all_checks() if c.spec.basic_auth is not None]
 
 
-def _levels(lst: ListenerIR) -> list[tuple[str, BasicAuthIR]]:
-    return [(c.level, c.basic_auth) for c in lst.all_checks() if c.basic_auth is not None]
+class BasicAuthFilter(Filter):
+    prefix = "envoy.filters.http.basic_auth"
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        found = _levels(lst)
+        instances = {self.name(level, spec.user_header or ""): spec.user_header for level, spec in found}
+        out = [http_filter(n, ba.BasicAuth(users=_NO_USERS, forward_username_header=h or ""), disabled=True)
+               for n, h in sorted(instances.items(), key=lambda kv: (".route" in kv[0], kv[0]))]
+        if any(not spec.forward for _, spec in found):
+            out.append(http_filter(STRIP, hm.HeaderMutation(), disabled=True))
+        return out
+
+    def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
+        spec = checks.spec.basic_auth
+        if spec is None:
+            return {}
+        # The users as Envoy reads them: ``user:{SHA}<hash>`` lines, comments dropped.
+        htpasswd = "".join(f"{u.name}:{u.secret}\n" for u in checks.resolved.users)
+        users = ba.BasicAuthPerRoute(users=base_pb2.DataSource(inline_string=htpasswd))
+        out = {self.name(checks.level, spec.user_header or ""): enable(users)}
+        if not spec.forward:
+            strip = hm.HeaderMutationPerRoute(mutations=hm.Mutations(
+                request_mutations=[mutation.HeaderMutation(remove="authorization")]))
+            out[STRIP] = enable(strip)
+        return out
 
 
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    found = _levels(lst)
-    instances = {name(level, ir): ir.spec.user_header for level, ir in found}
-    out = [hcm.HttpFilter(name=n, disabled=True, typed_config=pack(ba.BasicAuth(
-               users=_NO_USERS, forward_username_header=h or "")))
-           for n, h in sorted(instances.items(), key=lambda kv: (".route" in kv[0], kv[0]))]
-    if any(not ir.spec.forward for _, ir in found):
-        out.append(hcm.HttpFilter(name=STRIP, disabled=True, typed_config=pack(hm.HeaderMutation())))
-    return out
-
-
-def _config(checks: Checks | None) -> dict[str, any_pb2.Any]:
-    ir = checks.basic_auth if checks else None
-    if checks is None or ir is None:
-        return {}
-    users = ba.BasicAuthPerRoute(users=base_pb2.DataSource(inline_string=ir.htpasswd))
-    out = {name(checks.level, ir): pack(rc.FilterConfig(config=pack(users)))}
-    if not ir.spec.forward:
-        strip = hm.HeaderMutationPerRoute(mutations=hm.Mutations(
-            request_mutations=[mutation.HeaderMutation(remove="authorization")]))
-        out[STRIP] = pack(rc.FilterConfig(config=pack(strip)))
-    return out
-
-
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    return _config(lst.checks)
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    return _config(route.checks)
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return []
+FILTER = BasicAuthFilter()

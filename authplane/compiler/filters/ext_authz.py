@@ -11,12 +11,16 @@ the digest of its rules, so a rule edit changes the fleet's version though Envoy
 travels in the per-route path prefix (``/envoy/<policy>``); Envoy sends the request headers and
 adds the client address and the verified JWT payload from its own state (never a client's copy);
 only the headers the policy's rules set may reach the upstream or the client.
+
+The service's cluster (``resources``) is authplane's own decision service, at the address of
+``CompileOptions``, or the cluster of the Backend the policy names.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, http_uri_pb2
-from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as ea
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -26,50 +30,99 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from authplane.authz import rules as builtin
-from authplane.compiler.filters.jwt_authn import NAME as JWT_FILTER
-from authplane.compiler.filters.jwt_authn import PAYLOAD_KEY
-from authplane.compiler.ir import ClusterIR, ExtAuthIR, ListenerIR, RouteIR
-from authplane.compiler.pb import duration, pack
+from authplane.addresses import split_address
+from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, enable, http_filter
+from authplane.compiler.ir import Checks, ClusterIR, ListenerIR
+from authplane.compiler.pb import duration
+from authplane.contract import (
+    BUILTIN_HTTP_PREFIX,
+    CLIENT_IP_HEADER,
+    JWT_FILTER,
+    JWT_PAYLOAD_HEADER,
+    JWT_PAYLOAD_KEY,
+    LEVEL_KEY,
+    POLICY_KEY,
+    RESERVED_HEADERS,
+    RULES_KEY,
+    TARGET_KEY,
+)
+from authplane.policy.model import AuthPolicySpec, ExtAuth
 
-PREFIX = "envoy.filters.http.ext_authz"
+BUILTIN_GRPC = "authplane_authz_grpc"
+BUILTIN_GRPC_STREAMS = 16
+BUILTIN_HTTP = "authplane_authz_http"
 
 
-def name(ir: ExtAuthIR) -> str:
-    s = ir.spec
-    mode = "open" if s.fail_open else f"closed-{s.status_on_error}"
-    return f"{PREFIX}.{ir.level}.{s.protocol}.{mode}"
+def _spec(checks: Checks) -> ExtAuth:
+    spec = checks.spec.ext_auth
+    assert spec is not None
+    return spec
 
 
-def _service(ir: ExtAuthIR, route: bool) -> grpc_service_pb2.GrpcService | ea.HttpService:
+def _cluster_name(s: ExtAuth) -> str:
+    if s.service != "builtin":
+        return s.service  # a Backend: its cluster has its name
+    return BUILTIN_GRPC if s.protocol == "grpc" else BUILTIN_HTTP
+
+
+def _cluster(lst: ListenerIR, s: ExtAuth) -> ClusterIR:
+    if s.service != "builtin":
+        return lst.env.backends[s.service]
+    grpc = s.protocol == "grpc"
+    address = lst.env.opts.authz_grpc if grpc else lst.env.opts.authz_http
+    # gRPC: a few streams per connection, so Envoy's checks spread over the connections (and
+    # ``--authz-workers`` processes) instead of one HTTP/2 connection per Envoy thread
+    return ClusterIR(_cluster_name(s), (split_address(address),), grpc, 1.0, False, None, None,
+                     BUILTIN_GRPC_STREAMS if grpc else None)
+
+
+def rules_digest(spec: AuthPolicySpec, ext_keys: str | None) -> str:
+    """A hash of what a builtin policy's decisions depend on besides the Envoy config (its rules,
+    the API key file): it goes in the routes' ext_authz settings, so a rule edit changes the
+    fleet's snapshot version like any other change."""
+    ext = spec.ext_auth
+    assert ext is not None
+    digest = hashlib.sha256(spec.model_dump_json(by_alias=True).encode())
+    if ext.api_keys:
+        digest.update(b"\0" + (ext_keys or "").encode())
+    return digest.hexdigest()[:12]
+
+
+def _service(checks: Checks, route: bool) -> grpc_service_pb2.GrpcService | ea.HttpService:
     """The service as the filter instance (``route`` False) or one route's override sees it."""
-    s = ir.spec
+    s = _spec(checks)
+    cluster = _cluster_name(s)
     if s.protocol == "grpc":
         return grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=ir.cluster),
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster),
             timeout=duration(s.timeout))
     http = ea.HttpService(
-        server_uri=http_uri_pb2.HttpUri(uri=f"http://{ir.cluster}", cluster=ir.cluster,
+        server_uri=http_uri_pb2.HttpUri(uri=f"http://{cluster}", cluster=cluster,
                                         timeout=duration(s.timeout)),
         path_prefix=s.path_prefix)
     if s.service == "builtin":
         # The instance is shared by several policies: without a route's override it names no
         # policy, and the decision service denies.
-        http.path_prefix = f"/envoy/{ir.policy}" if route else "/envoy/"
+        http.path_prefix = f"{BUILTIN_HTTP_PREFIX}{checks.policy}" if route else BUILTIN_HTTP_PREFIX
         http.authorization_request.headers_to_add.extend(_BUILTIN_CHECK_HEADERS)
         if route:
-            _exact(http.authorization_response, "allowed_upstream_headers", builtin.upstream_headers(s))
+            _exact(http.authorization_response, "allowed_upstream_headers", s.upstream_headers())
             _exact(http.authorization_response, "allowed_client_headers_on_success",
-                   builtin.response_headers(s))
+                   s.response_headers())
     else:
         _exact(http.authorization_response, "allowed_upstream_headers", s.headers_to_upstream)
     return http
 
 
 _BUILTIN_CHECK_HEADERS = (
-    base_pb2.HeaderValue(key=builtin.CLIENT_IP_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
-    base_pb2.HeaderValue(key=builtin.JWT_PAYLOAD_HEADER, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{PAYLOAD_KEY})%"),
+    base_pb2.HeaderValue(key=CLIENT_IP_HEADER, value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+    base_pb2.HeaderValue(key=JWT_PAYLOAD_HEADER, value=f"%DYNAMIC_METADATA({JWT_FILTER}:{JWT_PAYLOAD_KEY})%"),
 )
+
+
+def _set_service(parent: ea.ExtAuthz | ea.CheckSettings, svc: grpc_service_pb2.GrpcService | ea.HttpService) -> None:
+    """The filter instance and a route's override both have a ``grpc_service``/``http_service`` oneof."""
+    getattr(parent, "grpc_service" if isinstance(svc, grpc_service_pb2.GrpcService) else "http_service").CopyFrom(svc)
 
 
 def _exact(parent: Message, field: str, names: list[str]) -> None:
@@ -78,62 +131,60 @@ def _exact(parent: Message, field: str, names: list[str]) -> None:
         getattr(parent, field).patterns.extend(string_pb2.StringMatcher(exact=h) for h in names)
 
 
-def _filter(ir: ExtAuthIR) -> ea.ExtAuthz:
-    s = ir.spec
+def _filter(checks: Checks) -> ea.ExtAuthz:
+    s = _spec(checks)
     cfg = ea.ExtAuthz(
         transport_api_version=config_source_pb2.V3, failure_mode_allow=s.fail_open,
         failure_mode_allow_header_add=s.fail_open,
         status_on_error=http_status_pb2.HttpStatus(code=s.status_on_error),  # type: ignore[arg-type]
         metadata_context_namespaces=[JWT_FILTER],
     )
-    svc = _service(ir, route=False)
-    if isinstance(svc, grpc_service_pb2.GrpcService):
-        cfg.grpc_service.CopyFrom(svc)
-    else:
-        cfg.http_service.CopyFrom(svc)
+    _set_service(cfg, _service(checks, route=False))
     if s.service == "builtin" and s.protocol == "http":
         # Envoy takes the request headers to send from the filter instance only (a route's
         # override is ignored there): send them all, as gRPC mode does, except the ones Envoy
         # itself sets for the decision service, so a client can never forge them.
         cfg.allowed_headers.patterns.add().safe_regex.regex = ".*"
-        _exact(cfg, "disallowed_headers", [builtin.CLIENT_IP_HEADER, builtin.JWT_PAYLOAD_HEADER])
+        _exact(cfg, "disallowed_headers", list(RESERVED_HEADERS))
     return cfg
 
 
-def _per_route(ir: ExtAuthIR) -> any_pb2.Any:
+def _per_route(checks: Checks) -> any_pb2.Any:
+    s = _spec(checks)
     settings = ea.CheckSettings(context_extensions={
-        "authplane.policy": ir.policy, "authplane.level": ir.level, "authplane.target": ir.target})
-    if ir.rules:
-        settings.context_extensions["authplane.rules"] = ir.rules
-    svc = _service(ir, route=True)
-    if isinstance(svc, grpc_service_pb2.GrpcService):
-        settings.grpc_service.CopyFrom(svc)
-    else:
-        settings.http_service.CopyFrom(svc)
-    return pack(rc.FilterConfig(config=pack(ea.ExtAuthzPerRoute(check_settings=settings))))
+        POLICY_KEY: checks.policy, LEVEL_KEY: checks.level, TARGET_KEY: checks.target})
+    if s.service == "builtin":
+        settings.context_extensions[RULES_KEY] = rules_digest(checks.spec, checks.resolved.ext_keys)
+    _set_service(settings, _service(checks, route=True))
+    return enable(ea.ExtAuthzPerRoute(check_settings=settings))
 
 
-def _irs(lst: ListenerIR) -> list[ExtAuthIR]:
-    return [c.ext_auth for c in lst.all_checks() if c.ext_auth is not None]
+def _ext(lst: ListenerIR) -> list[Checks]:
+    return [c for c in lst.all_checks() if c.spec.ext_auth is not None]
 
 
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    first: dict[str, ExtAuthIR] = {}
-    for ir in _irs(lst):
-        first.setdefault(name(ir), ir)
-    ordered = sorted(first.values(), key=lambda ir: (ir.level != "gateway", name(ir)))
-    return [hcm.HttpFilter(name=name(ir), typed_config=pack(_filter(ir)), disabled=True) for ir in ordered]
+class ExtAuthz(Filter):
+    prefix = "envoy.filters.http.ext_authz"
+
+    def _instance(self, checks: Checks) -> str:
+        """Instances per level, protocol and failure behaviour (fixed per instance by Envoy)."""
+        s = _spec(checks)
+        mode = "open" if s.fail_open else f"closed-{s.status_on_error}"
+        return self.name(checks.level, s.protocol or "", mode)
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        first: dict[str, Checks] = {}
+        for checks in _ext(lst):
+            first.setdefault(self._instance(checks), checks)
+        ordered = sorted(first.items(), key=lambda kv: (kv[1].level != "gateway", kv[0]))
+        return [http_filter(n, _filter(checks), disabled=True) for n, checks in ordered]
+
+    def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
+        return {self._instance(checks): _per_route(checks)} if checks.spec.ext_auth else {}
+
+    def resources(self, lst: ListenerIR) -> Needs:
+        """The decision services: authplane's own (builtin) or the Backend a policy names."""
+        return Needs(clusters=tuple(_cluster(lst, _spec(c)) for c in _ext(lst)))
 
 
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    ir = lst.checks.ext_auth if lst.checks else None
-    return {name(ir): _per_route(ir)} if ir else {}
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    ir = route.checks.ext_auth if route.checks else None
-    return {name(ir): _per_route(ir)} if ir else {}
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return []  # backend and builtin clusters are collected by the translator
+FILTER = ExtAuthz()

@@ -8,28 +8,48 @@ and the gateway's requirement is set on each virtual host.
 from __future__ import annotations
 
 import json
-from urllib.parse import urlsplit
+from dataclasses import dataclass
 
 from envoy.config.core.v3 import http_uri_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
-from google.protobuf import any_pb2, empty_pb2
+from google.protobuf import empty_pb2
 
-from authplane.compiler.ir import Checks, ClusterIR, JwtIR, ListenerIR, RouteIR
+from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, http_filter, uri_cluster
+from authplane.compiler.filters.oauth2 import id_token_check
+from authplane.compiler.ir import Checks, ListenerIR, RouteIR
 from authplane.compiler.pb import duration, pack
+from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
+from authplane.policy.model import Jwt
 
-NAME = "envoy.filters.http.jwt_authn"
-PAYLOAD_KEY = "jwt_payload"
-"""Dynamic metadata key (namespace ``envoy.filters.http.jwt_authn``) holding the verified payload."""
+
+@dataclass(frozen=True)
+class JwtCheck:
+    """One policy's JWT check: its ``jwt`` section, or with ``oidc`` the check of the ID token."""
+
+    policy: str
+    spec: Jwt
+    jwks_files: dict[str, str]
+    """provider name → JWKS file content (providers with ``jwks.file``)."""
+
+
+def jwt_check(checks: Checks | None) -> JwtCheck | None:
+    if checks is None:
+        return None
+    if checks.spec.oidc is not None:
+        return JwtCheck(checks.policy, id_token_check(checks), {})
+    if checks.spec.jwt is not None:
+        return JwtCheck(checks.policy, checks.spec.jwt, checks.resolved.jwks)
+    return None
 
 
 def provider_name(policy: str, provider: str) -> str:
     return f"{policy}/{provider}"
 
 
-def _requirement(ir: JwtIR) -> jwt.JwtRequirement:
+def _requirement(ir: JwtCheck) -> jwt.JwtRequirement:
     names = [provider_name(ir.policy, p.name) for p in ir.spec.providers]
     if len(names) == 1 and ir.spec.required:
         return jwt.JwtRequirement(provider_name=names[0])
@@ -40,8 +60,8 @@ def _requirement(ir: JwtIR) -> jwt.JwtRequirement:
 
 
 def _route_requirement(lst: ListenerIR, checks: Checks | None) -> tuple[str, jwt.JwtRequirement] | None:
-    gw = lst.checks.jwt if lst.checks else None
-    rt = checks.jwt if checks else None
+    gw = jwt_check(lst.checks)
+    rt = jwt_check(checks)
     if gw and rt:
         both = jwt.JwtRequirement(requires_all=jwt.JwtRequirementAndList(
             requirements=[_requirement(gw), _requirement(rt)]))
@@ -51,21 +71,11 @@ def _route_requirement(lst: ListenerIR, checks: Checks | None) -> tuple[str, jwt
     return None
 
 
-def uri_cluster(uri: str, prefix: str = "jwks") -> ClusterIR:
-    """The cluster Envoy reaches a URL's host with: ``<prefix>_<host>_<port>``, TLS for https."""
-    parts = urlsplit(uri)
-    https = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if https else 80)
-    return ClusterIR(f"{prefix}_{host}_{port}", ((host, port),), False, 5.0, https, host if https else None,
-                     None)
-
-
-def _provider(ir: JwtIR, name: str) -> jwt.JwtProvider:
+def _provider(ir: JwtCheck, name: str) -> jwt.JwtProvider:
     prov = next(p for p in ir.spec.providers if p.name == name)
     out = jwt.JwtProvider(
         issuer=prov.issuer or "", audiences=prov.audiences, forward=prov.forward,
-        payload_in_metadata=PAYLOAD_KEY, clock_skew_seconds=round(prov.clock_skew),
+        payload_in_metadata=JWT_PAYLOAD_KEY, clock_skew_seconds=round(prov.clock_skew),
         claim_to_headers=[jwt.JwtClaimToHeader(header_name=h, claim_name=c)
                           for c, h in sorted(prov.claims_to_headers.items())],
     )
@@ -93,38 +103,42 @@ def _provider(ir: JwtIR, name: str) -> jwt.JwtProvider:
     return out
 
 
-def _jwts(lst: ListenerIR) -> list[JwtIR]:
-    return [c.jwt for c in lst.all_checks() if c.jwt is not None]
+def _jwts(lst: ListenerIR) -> list[JwtCheck]:
+    return [j for j in map(jwt_check, lst.all_checks()) if j is not None]
 
 
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    irs = _jwts(lst)
-    if not irs:
-        return []
-    cfg = jwt.JwtAuthentication()
-    for ir in irs:
-        for prov in ir.spec.providers:
-            cfg.providers[provider_name(ir.policy, prov.name)].CopyFrom(_provider(ir, prov.name))
-    if lst.checks and lst.checks.jwt:
-        cfg.requirement_map[lst.checks.jwt.policy].CopyFrom(_requirement(lst.checks.jwt))
-    for vh in lst.virtual_hosts:
-        for r in vh.routes:
-            req = None if r.public else _route_requirement(lst, r.checks)
-            if req:
-                cfg.requirement_map[req[0]].CopyFrom(req[1])
-    return [hcm.HttpFilter(name=NAME, typed_config=pack(cfg))]
+class JwtAuthn(Filter):
+    prefix = JWT_FILTER
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        irs = _jwts(lst)
+        if not irs:
+            return []
+        cfg = jwt.JwtAuthentication()
+        for ir in irs:
+            for prov in ir.spec.providers:
+                cfg.providers[provider_name(ir.policy, prov.name)].CopyFrom(_provider(ir, prov.name))
+        gw = jwt_check(lst.checks)
+        if gw:
+            cfg.requirement_map[gw.policy].CopyFrom(_requirement(gw))
+        for vh in lst.virtual_hosts:
+            for r in vh.routes:
+                req = None if r.public else _route_requirement(lst, r.checks)
+                if req:
+                    cfg.requirement_map[req[0]].CopyFrom(req[1])
+        return [http_filter(self.name(), cfg)]
+
+    def vhost_config(self, lst: ListenerIR) -> PerFilterConfig:
+        gw = jwt_check(lst.checks)
+        return {self.name(): pack(jwt.PerRouteConfig(requirement_name=gw.policy))} if gw else {}
+
+    def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
+        req = _route_requirement(lst, route.checks)
+        return {self.name(): pack(jwt.PerRouteConfig(requirement_name=req[0]))} if req else {}
+
+    def resources(self, lst: ListenerIR) -> Needs:
+        return Needs(clusters=tuple(uri_cluster(p.jwks.uri) for ir in _jwts(lst) for p in ir.spec.providers
+                                    if p.jwks.uri))
 
 
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    if lst.checks and lst.checks.jwt:
-        return {NAME: pack(jwt.PerRouteConfig(requirement_name=lst.checks.jwt.policy))}
-    return {}
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    req = _route_requirement(lst, route.checks)
-    return {NAME: pack(jwt.PerRouteConfig(requirement_name=req[0]))} if req else {}
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return [uri_cluster(p.jwks.uri) for ir in _jwts(lst) for p in ir.spec.providers if p.jwks.uri]
+FILTER = JwtAuthn()

@@ -24,13 +24,15 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from authplane.compiler.filters.jwt_authn import uri_cluster
-from authplane.compiler.ir import Checks, ClusterIR, ListenerIR, OidcIR, RouteIR
-from authplane.compiler.pb import ads_source, duration, pack
-from authplane.policy.model import Oidc
+from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, enable, http_filter, uri_cluster
+from authplane.compiler.ir import Checks, ListenerIR, RouteIR, specificity
+from authplane.compiler.pb import ads_source, duration
+from authplane.errors import CompileError
+from authplane.policy.model import Jwks, Jwt, JwtProvider, Oidc, RouteMatch, TokenSource
+from authplane.policy.oidc import ResolvedOidc
 
 
 def _per_route_class() -> type[Message]:
@@ -54,15 +56,10 @@ def _per_route_class() -> type[Message]:
 
 
 OAuth2PerRoute = _per_route_class()
-PREFIX = "envoy.filters.http.oauth2"
 _COOKIES = {"bearer_token": "access", "oauth_hmac": "hmac", "oauth_expires": "expires", "id_token": "id",
             "refresh_token": "refresh", "oauth_nonce": "nonce", "code_verifier": "verifier"}
 _SAME_SITE = {"lax": oauth.CookieConfig.LAX, "strict": oauth.CookieConfig.STRICT,
               "none": oauth.CookieConfig.NONE, "disabled": oauth.CookieConfig.DISABLED}
-
-
-def name(ir: OidcIR) -> str:
-    return f"{PREFIX}.{ir.policy}"
 
 
 def cookie_name(spec: Oidc, kind: str) -> str:
@@ -70,8 +67,28 @@ def cookie_name(spec: Oidc, kind: str) -> str:
     return f"{spec.cookie.prefix}_{_COOKIES[kind]}"
 
 
-def secret_names(ir: OidcIR) -> tuple[str, str]:
-    return f"{ir.policy}/oidc-client-secret", f"{ir.policy}/oidc-hmac"
+def secret_names(policy: str) -> tuple[str, str]:
+    return f"{policy}/oidc-client-secret", f"{policy}/oidc-hmac"
+
+
+def _spec(checks: Checks) -> tuple[Oidc, ResolvedOidc]:
+    """The ``oidc`` section and what discovery and the secret files gave for it."""
+    spec, found = checks.spec.oidc, checks.resolved.oidc
+    if spec is None or found is None:
+        raise CompileError(f"{checks.origin}: the oidc section was not resolved")
+    return spec, found
+
+
+def id_token_check(checks: Checks) -> Jwt:
+    """The JWT check of the ID token cookie the oauth2 filter keeps (HMAC-protected with it): so
+    authorization rules see its claims and its claims reach the upstream as headers. With
+    pass-through paths the check lets requests without the cookie through (the oauth2 filter
+    already sent every other one to sign in)."""
+    spec, found = _spec(checks)
+    return Jwt(required=not spec.pass_through_paths, providers=[JwtProvider(
+        name="oidc", issuer=spec.issuer, audiences=[spec.client_id], jwks=Jwks(uri=found.endpoints.jwks),
+        from_=[TokenSource(cookie=cookie_name(spec, "id_token"))], forward=True,
+        claims_to_headers=spec.claims_to_headers)])
 
 
 def _sds(secret: str) -> secret_pb2.SdsSecretConfig:
@@ -95,16 +112,17 @@ _API_CLIENTS = (
 """Requests that get 401 instead of a redirect to sign in: XHR and clients not asking for HTML."""
 
 
-def config(ir: OidcIR) -> oauth.OAuth2Config:
-    s = ir.spec
-    client_secret, hmac_secret = secret_names(ir)
+def config(checks: Checks) -> oauth.OAuth2Config:
+    s, found = _spec(checks)
+    endpoints = found.endpoints
+    client_secret, hmac_secret = secret_names(checks.policy)
     exact = {p: path_pb2.PathMatcher(path=string_pb2.StringMatcher(exact=p)) for p in (s.redirect_path, s.logout_path)}
     same_site = oauth.CookieConfig(same_site=_SAME_SITE[s.cookie.same_site])
     cfg = oauth.OAuth2Config(
-        token_endpoint=http_uri_pb2.HttpUri(uri=ir.endpoints.token, cluster=uri_cluster(ir.endpoints.token).name,
+        token_endpoint=http_uri_pb2.HttpUri(uri=endpoints.token, cluster=uri_cluster(endpoints.token).name,
                                             timeout=duration(5)),
-        authorization_endpoint=ir.endpoints.authorization,
-        end_session_endpoint=ir.endpoints.end_session or "",
+        authorization_endpoint=endpoints.authorization,
+        end_session_endpoint=endpoints.end_session or "",
         credentials=oauth.OAuth2Credentials(
             client_id=s.client_id, token_secret=_sds(client_secret), hmac_secret=_sds(hmac_secret),
             cookie_names=oauth.OAuth2Credentials.CookieNames(**{k: cookie_name(s, k) for k in _COOKIES}),
@@ -119,42 +137,58 @@ def config(ir: OidcIR) -> oauth.OAuth2Config:
         cookie_configs=oauth.CookieConfigs(**{f"{k}_cookie_config": same_site for k in (
             "bearer_token", "oauth_hmac", "oauth_expires", "id_token", "refresh_token", "oauth_nonce",
             "code_verifier")}),
-        stat_prefix=f"{ir.policy}.",
+        stat_prefix=f"{checks.policy}.",
     )
     return cfg
 
 
-def _irs(lst: ListenerIR) -> list[OidcIR]:
-    return [c.oidc for c in lst.all_checks() if c.oidc is not None]
+def _oidc(lst: ListenerIR) -> list[Checks]:
+    return [c for c in lst.all_checks() if c.spec.oidc is not None]
 
 
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    return [hcm.HttpFilter(name=name(ir), typed_config=pack(oauth.OAuth2(config=config(ir))), disabled=True)
-            for ir in _irs(lst)]
+class OAuth2(Filter):
+    prefix = "envoy.filters.http.oauth2"
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        return [http_filter(self.name(c.policy), oauth.OAuth2(config=config(c)), disabled=True) for c in _oidc(lst)]
+
+    def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
+        if checks.spec.oidc is None:
+            return {}
+        return {self.name(checks.policy): enable(OAuth2PerRoute(config=config(checks)))}
+
+    def resources(self, lst: ListenerIR) -> Needs:
+        """The token endpoints' clusters, and the SDS ``Secret`` resources the instances read."""
+        clusters, secrets = [], []
+        for checks in _oidc(lst):
+            _, found = _spec(checks)
+            clusters.append(uri_cluster(found.endpoints.token))
+            for secret, value in zip(secret_names(checks.policy), (found.client_secret, found.hmac_secret),
+                                     strict=True):
+                secrets.append(secret_pb2.Secret(name=secret, generic_secret=secret_pb2.GenericSecret(
+                    secret={"inline_bytes": value})))
+        return Needs(tuple(clusters), tuple(secrets))
+
+    def extra_routes(self, gateway: Checks | None, members: list[RouteIR]) -> list[RouteIR]:
+        """Routes for the callback and logout paths on a host, so the instance that must answer
+        them is enabled there whatever the user's routes match."""
+        policies = [(c, None) for c in [gateway] if c is not None and c.spec.oidc is not None and members]
+        policies += [(r.checks, r) for r in members if r.checks is not None and r.checks.spec.oidc is not None]
+        out: dict[str, RouteIR] = {}
+        for checks, route in policies:
+            spec, _ = _spec(checks)
+            for what, path in (("callback", spec.redirect_path), ("logout", spec.logout_path)):
+                owner = out.get(path)
+                if owner is not None and (owner.checks.policy if owner.checks else None) != (
+                        route.checks.policy if route and route.checks else None):
+                    raise CompileError(f"{path} is the oidc {what} path of two policies on the same host "
+                                       f"({checks.origin} and {owner.origin}); give one another path")
+                match = RouteMatch(path=path)
+                out.setdefault(path, RouteIR(
+                    name=f"oidc/{checks.policy}/{what}", match=match, cluster=(route or members[0]).cluster,
+                    timeout=None, checks=route.checks if route else None, public=False, origin=checks.origin,
+                    specificity=specificity(match)))
+        return list(out.values())
 
 
-def _enable(checks: Checks | None) -> dict[str, any_pb2.Any]:
-    ir = checks.oidc if checks else None
-    return {name(ir): pack(rc.FilterConfig(config=pack(OAuth2PerRoute(config=config(ir)))))} if ir else {}
-
-
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    return _enable(lst.checks)
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    return _enable(route.checks)
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return [uri_cluster(ir.endpoints.token) for ir in _irs(lst)]
-
-
-def secrets(lst: ListenerIR) -> list[secret_pb2.Secret]:
-    """The SDS ``Secret`` resources the listener's oauth2 instances read."""
-    out = []
-    for ir in _irs(lst):
-        for secret, value in zip(secret_names(ir), (ir.client_secret, ir.hmac_secret), strict=True):
-            out.append(secret_pb2.Secret(name=secret, generic_secret=secret_pb2.GenericSecret(
-                secret={"inline_bytes": value})))
-    return out
+FILTER = OAuth2()

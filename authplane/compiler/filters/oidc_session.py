@@ -11,18 +11,15 @@ instance is disabled in the connection manager.
 from __future__ import annotations
 
 from envoy.config.core.v3 import base_pb2
-from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
-from google.protobuf import any_pb2
 
+from authplane.compiler.filters.base import Filter, PerFilterConfig, enable, http_filter
 from authplane.compiler.filters.oauth2 import cookie_name
-from authplane.compiler.ir import ClusterIR, ListenerIR, OidcIR, RouteIR
-from authplane.compiler.pb import pack
-
-NAME = "envoy.filters.http.lua.oidc_session"
+from authplane.compiler.ir import ListenerIR, RouteIR
+from authplane.policy.model import Oidc
 
 _SCRIPT = """\
 -- authplane: remove the sign-in session cookies before the request goes upstream
@@ -48,37 +45,40 @@ end
 """
 
 
-def script(irs: list[OidcIR]) -> str:
-    """The Lua code for the policies ``irs`` (prefixes and header names are plain tokens)."""
-    prefixes = sorted({f'"{ir.spec.cookie.prefix}_"' for ir in irs})
-    headers = sorted({f'{{"{cookie_name(ir.spec, "id_token")}", "{ir.spec.id_token_header}"}}'
-                      for ir in irs if ir.spec.id_token_header})
+def script(specs: list[Oidc]) -> str:
+    """The Lua code for the ``oidc`` sections ``specs`` (prefixes and header names are plain tokens)."""
+    prefixes = sorted({f'"{spec.cookie.prefix}_"' for spec in specs})
+    headers = sorted({f'{{"{cookie_name(spec, "id_token")}", "{spec.id_token_header}"}}'
+                      for spec in specs if spec.id_token_header})
     return _SCRIPT % (", ".join(prefixes), ", ".join(headers))
 
 
-def _config(irs: list[OidcIR]) -> dict[str, any_pb2.Any]:
-    if not irs:
-        return {}
-    code = lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(inline_string=script(irs)))
-    return {NAME: pack(rc.FilterConfig(config=pack(code)))}
+def _gateway(lst: ListenerIR) -> list[Oidc]:
+    oidc = lst.checks.spec.oidc if lst.checks else None
+    return [oidc] if oidc else []
 
 
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    if not any(c.oidc for c in lst.all_checks()):
-        return []
-    return [hcm.HttpFilter(name=NAME, typed_config=pack(lua_pb2.Lua()), disabled=True)]
+class OidcSession(Filter):
+    prefix = "envoy.filters.http.lua.oidc_session"
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        if not any(c.spec.oidc for c in lst.all_checks()):
+            return []
+        return [http_filter(self.name(), lua_pb2.Lua(), disabled=True)]
+
+    def _config(self, specs: list[Oidc]) -> PerFilterConfig:
+        if not specs:
+            return {}
+        code = lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(inline_string=script(specs)))
+        return {self.name(): enable(code)}
+
+    def vhost_config(self, lst: ListenerIR) -> PerFilterConfig:
+        return self._config(_gateway(lst))
+
+    def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
+        if route.checks is None or route.checks.spec.oidc is None:
+            return {}  # the virtual host's script (gateway level), if any
+        return self._config([*_gateway(lst), route.checks.spec.oidc])
 
 
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    return _config([lst.checks.oidc] if lst.checks and lst.checks.oidc else [])
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    if route.checks is None or route.checks.oidc is None:
-        return {}  # the virtual host's script (gateway level), if any
-    gateway = [lst.checks.oidc] if lst.checks and lst.checks.oidc else []
-    return _config([*gateway, route.checks.oidc])
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return []
+FILTER = OidcSession()

@@ -19,19 +19,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
-from google.protobuf import any_pb2
 
-from authplane.compiler.filters.jwt_authn import NAME as JWT_FILTER
-from authplane.compiler.filters.jwt_authn import PAYLOAD_KEY
-from authplane.compiler.ir import Checks, ClusterIR, ListenerIR, RouteIR
+from authplane.compiler.filters.base import Filter, PerFilterConfig, http_filter
+from authplane.compiler.ir import LEVELS, Checks, ListenerIR
 from authplane.compiler.pb import pack
+from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
 from authplane.policy.model import Authorization, Conditions
-
-LEVELS = ("gateway", "route")
-
-
-def name(level: str) -> str:
-    return f"envoy.filters.http.rbac.{level}"
 
 
 def _any_of(principals: list[rbac.Principal]) -> rbac.Principal:
@@ -58,7 +51,7 @@ def _exact(value: str) -> string_pb2.StringMatcher:
 
 @functools.lru_cache(maxsize=1024)
 def _segments(path: str) -> tuple[metadata_pb2.MetadataMatcher.PathSegment, ...]:
-    return tuple(metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in (PAYLOAD_KEY, *path.split(".")))
+    return tuple(metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in (JWT_PAYLOAD_KEY, *path.split(".")))
 
 
 def _claim(path: str, value: str) -> rbac.Principal:
@@ -134,32 +127,19 @@ def rules(authz: Authorization, ignore_case: bool = False) -> rbac.RBAC:
         for r in allow})
 
 
-def _per_route(lst: ListenerIR, checks: Checks) -> any_pb2.Any:
-    assert checks.authorization is not None
-    return pack(rbac_filter.RBACPerRoute(rbac=rbac_filter.RBAC(
-        rules=rules(checks.authorization, not lst.case_sensitive), rules_stat_prefix=f"{checks.policy}.")))
+class Rbac(Filter):
+    prefix = "envoy.filters.http.rbac"
+
+    def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
+        levels = {c.level for c in lst.all_checks() if c.spec.authorization}
+        return [http_filter(self.name(lvl), rbac_filter.RBAC()) for lvl in LEVELS if lvl in levels]
+
+    def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
+        authz = checks.spec.authorization
+        if authz is None:
+            return {}
+        return {self.name(checks.level): pack(rbac_filter.RBACPerRoute(rbac=rbac_filter.RBAC(
+            rules=rules(authz, not lst.case_sensitive), rules_stat_prefix=f"{checks.policy}.")))}
 
 
-def _levels(lst: ListenerIR) -> list[str]:
-    return [lvl for lvl in LEVELS if any(c.authorization for c in lst.all_checks() if c.level == lvl)]
-
-
-def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
-    return [hcm.HttpFilter(name=name(lvl), typed_config=pack(rbac_filter.RBAC())) for lvl in _levels(lst)]
-
-
-def vhost_config(lst: ListenerIR) -> dict[str, any_pb2.Any]:
-    if lst.checks and lst.checks.authorization:
-        return {name("gateway"): _per_route(lst, lst.checks)}
-    return {}
-
-
-def route_config(lst: ListenerIR, route: RouteIR) -> dict[str, any_pb2.Any]:
-    if route.checks and route.checks.authorization:
-        return {name("route"): _per_route(lst, route.checks)}
-    return {}
-
-
-def clusters(lst: ListenerIR) -> list[ClusterIR]:
-    return []
-
+FILTER = Rbac()

@@ -1,0 +1,177 @@
+"""The resolve stage: read every file the policies name (JWKS, htpasswd and key files, OIDC
+secrets) and run OIDC discovery, once, into ``Policies.resolved``, checking what was read.
+
+After this stage nothing reads a file or the network for these policies: the compiler and the
+decision service work from ``Policies.resolved``. Every file read also lands in
+``Policies.files`` (path → text), which is part of the served version and watched by ``serve``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from authplane.errors import Problem
+from authplane.policy.credentials import (
+    Entry,
+    KeyFileError,
+    parse_api_keys,
+    parse_htpasswd,
+    parse_key_file,
+)
+from authplane.policy.loader import Item, Policies, Resolved
+from authplane.policy.model import AuthPolicy
+from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
+from authplane.policy.oidc import endpoints as oidc_endpoints
+
+_JWK_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}
+
+
+def usable_keys(jwks: Any) -> str | None:
+    """None when ``jwks`` holds at least one usable key, else what is wrong."""
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+        return 'expected a JWKS: a JSON object with a "keys" list'
+    for key in jwks["keys"]:
+        if isinstance(key, dict) and all(key.get(m) for m in _JWK_MEMBERS.get(key.get("kty"), ("?",))):
+            return None
+    return "no usable key (each key needs kty RSA/EC/oct/OKP and its members, e.g. n and e for RSA)"
+
+
+def resolve(p: Policies) -> list[Problem]:
+    """Fill ``p.resolved`` for every AuthPolicy; the problems found in what was read."""
+    out: list[Problem] = []
+    for pol in p.policies.values():
+        spec = pol.obj.spec
+        p.resolved[pol.name] = Resolved(
+            jwks=_jwks(p, pol, out) if spec.jwt else {},
+            users=tuple(_read_entries(p, pol, "basicAuth", spec.basic_auth.file, parse_htpasswd, out))
+            if spec.basic_auth else (),
+            keys=_api_key(p, pol, out) if spec.api_key else (),
+            ext_keys=_ext_keys(p, pol, out) if spec.ext_auth and spec.ext_auth.api_keys else None,
+            oidc=_oidc(p, pol, out) if spec.oidc else None,
+        )
+    return out
+
+
+def _read(p: Policies, pol: Item[AuthPolicy], rel: str, where: tuple[Any, ...], what: str,
+          out: list[Problem]) -> tuple[str, str] | None:
+    """(path, text) of a file the policy names, recorded in ``p.files``; None (with a problem)
+    when it cannot be read."""
+    path = pol.source.relative(rel)
+    try:
+        text = p.read_text(path)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
+        out.append(pol.source.problem(where, f"cannot read {what}{rel!r}: {reason}"))
+        return None
+    return path, text
+
+
+def _jwks(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> dict[str, str]:
+    jwt = pol.obj.spec.jwt
+    assert jwt is not None
+    found: dict[str, str] = {}
+    for i, prov in enumerate(jwt.providers):
+        where = ("spec", "jwt", "providers", i, "jwks")
+        if prov.jwks.file is not None:
+            read = _read(p, pol, prov.jwks.file, (*where, "file"), "JWKS file ", out)
+            if read is None:
+                continue
+            path, text = read
+            try:
+                problem = usable_keys(json.loads(text))
+            except ValueError as e:
+                problem = f"not JSON ({e})"
+            if problem:
+                out.append(pol.source.problem((*where, "file"), f"JWKS file {prov.jwks.file!r}: {problem}"))
+            else:
+                p.files[path] = text
+                found[prov.name] = text
+        elif prov.jwks.inline is not None:
+            problem = usable_keys(prov.jwks.inline)
+            if problem:
+                out.append(pol.source.problem((*where, "inline"), problem))
+    return found
+
+
+def _read_entries(p: Policies, pol: Item[AuthPolicy], section: str, rel: str,
+                  parse: Callable[[str, str], tuple[list[Entry], list[Problem]]],
+                  out: list[Problem]) -> list[Entry]:
+    """Read and check an htpasswd or key file; its content becomes part of the version."""
+    read = _read(p, pol, rel, ("spec", section, "file"), "", out)
+    if read is None:
+        return []
+    path, text = read
+    entries, problems = parse(path, text)
+    out.extend(problems)
+    p.files[path] = text
+    return entries
+
+
+def _api_key(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> tuple[Entry, ...]:
+    spec = pol.obj.spec.api_key
+    assert spec is not None
+    entries = _read_entries(p, pol, "apiKey", spec.file, parse_key_file, out)
+    known = {e.name for e in entries}
+    for i, client in enumerate(spec.clients):
+        if entries and client not in known:
+            out.append(pol.source.problem(("spec", "apiKey", "clients", i),
+                                          f"no client {client!r} in the key file {spec.file!r}"))
+    return tuple(entries)
+
+
+def _ext_keys(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> str | None:
+    """The ``extAuth.apiKeys`` file's text, checked, and its clients against the rules' ``apiKeys``
+    conditions."""
+    ext = pol.obj.spec.ext_auth
+    assert ext is not None and ext.api_keys is not None
+    where = ("spec", "extAuth", "apiKeys", "file")
+    read = _read(p, pol, ext.api_keys.file, where, "API key file ", out)
+    if read is None:
+        return None
+    path, text = read
+    try:
+        clients = set(parse_api_keys(text))
+    except KeyFileError as e:
+        out.append(pol.source.problem(where, f"API key file {ext.api_keys.file!r}: {e}"))
+        return None
+    p.files[path] = text
+    for i, rule in enumerate(ext.rules or []):
+        unknown = sorted(set(rule.when.api_keys) - {"*"} - clients)
+        if unknown:
+            out.append(pol.source.problem(("spec", "extAuth", "rules", i, "when", "apiKeys"),
+                                          f"no client {unknown[0]!r} in the API key file "
+                                          f"{ext.api_keys.file!r}"))
+    return text
+
+
+def _oidc(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> ResolvedOidc | None:
+    """Endpoints (discovery) and secrets; the secret files are watched like policy files."""
+    spec = pol.obj.spec.oidc
+    assert spec is not None
+    where = ("spec", "oidc")
+    secrets: dict[str, bytes] = {}
+    for name, ref in (("clientSecret", spec.client_secret), ("hmacSecret", spec.hmac_secret)):
+        if ref is None:
+            continue
+        try:
+            secrets[name], path = read_secret(ref, pol.source.relative, p.max_file_size)
+        except OidcError as e:
+            out.append(pol.source.problem((*where, name), str(e)))
+            continue
+        if path:
+            p.files[path] = secrets[name].decode(errors="replace")
+        if name == "hmacSecret" and len(secrets[name]) < 32:
+            out.append(pol.source.problem((*where, name), "needs at least 32 bytes"))
+    try:
+        found, warning = oidc_endpoints(spec)
+    except OidcError as e:
+        out.append(pol.source.problem((*where, "issuer"), str(e)))
+        return None
+    if warning:
+        p.warnings.append(pol.source.problem((*where, "issuer"), warning))
+    if "clientSecret" not in secrets:
+        return None
+    client = secrets["clientSecret"]
+    return ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec))

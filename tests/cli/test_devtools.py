@@ -1,0 +1,44 @@
+"""The development identity provider serves a JWKS and mints tokens Envoy accepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+from authplane.devtools.idp_server import IdpServer, dev_provider
+from tests.support import ROOT
+
+
+def test_idp_serves_the_committed_dev_jwks_and_mints_tokens():
+    server = IdpServer(dev_provider()).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        jwks = json.loads(urllib.request.urlopen(f"{base}/.well-known/jwks.json").read())
+        with open(os.path.join(ROOT, "policies", "jwt", "dev-jwks.json")) as f:
+            assert jwks == json.load(f)
+        token = urllib.request.urlopen(f"{base}/token?sub=bob&groups=admins,dev").read().decode().strip()
+        import base64
+
+        payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert payload["sub"] == "bob" and payload["groups"] == ["admins", "dev"]
+        assert payload["iss"] == "http://127.0.0.1:9400" and payload["aud"] == "api"
+    finally:
+        server.stop()
+
+
+def test_every_data_file_of_the_package_is_installed():
+    """A non-editable install (the Docker image) must carry the package's non-Python files."""
+    import fnmatch
+    import tomllib
+
+    root = ROOT
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    for dirpath, dirnames, files in os.walk(os.path.join(root, "authplane")):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        package = os.path.relpath(dirpath, root).replace(os.sep, ".")
+        for name in files:
+            if not name.endswith((".py", ".pyc")):
+                patterns = package_data.get(package, [])
+                assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{package}/{name} is not package data"

@@ -34,7 +34,7 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _load(args: argparse.Namespace):  # -> Policies
+def _load(args: argparse.Namespace):  # -> PolicySet
     from authplane.policy.loader import load_dir
 
     return load_dir(args.dir, args.max_file_size)
@@ -64,7 +64,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 return _fail(f"{args.dir}: fleet {fleet!r}: Envoy rejected the configuration: "
                              f"{lines[-1] if lines else out}")
     counts = (f"{len(policies.gateways)} gateways, {len(policies.routes)} routes, "
-              f"{len(policies.backends)} backends, {len(policies.policies)} policies")
+              f"{len(policies.backends)} backends, {len(policies.auth_policies)} policies")
     fleets = ", ".join(f"{f} ({s.version})" for f, s in snapshots.items()) or "none"
     checked = "; Envoy accepts every fleet" if args.envoy else ""
     print(f"{args.dir}: valid: {counts}; fleets: {fleets}{checked}")
@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     grpc_listen = None if args.no_authz else args.authz_grpc_listen or args.authz_grpc
     http_listen = None if args.no_authz else args.authz_http_listen or args.authz_http
     if grpc_listen or http_listen:
-        from authplane.authz.serving import decision_service
+        from authplane.authz.component import decision_service
 
         authz = decision_service(args.authz_workers, grpc_listen, http_listen)
         cp.add_component(authz, registry=authz.registry, on_revision=authz.on_revision)
@@ -215,7 +215,7 @@ def _size(value: str) -> int:
 
 
 def _compile_flags(p: argparse.ArgumentParser) -> None:
-    from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE
+    from authplane.policy.files import DEFAULT_MAX_FILE_SIZE
 
     p.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
                    help="refuse policy, JWKS, key and secret files larger than this (default 4MiB)")

@@ -19,7 +19,8 @@ from authplane.authz.rules import compile_table
 from authplane.authz.service import AuthzService
 from authplane.authz.workers import start_workers
 from authplane.errors import PolicyError
-from authplane.policy.loader import load_dir, policy_files, read_file
+from authplane.policy.files import policy_files, read_file
+from authplane.policy.loader import load_dir
 
 
 def _load(directory: str):  # -> RuleTable

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from authplane.authz.engine import Request
+from authplane.authz.evaluate import Request
 from authplane.authz.rules import CompiledPolicy
 
 _RAW = functools.partial(str.encode, errors="surrogateescape")

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from authplane.authz.cache import TtlCache, cache_key
-from authplane.authz.engine import Decision, Request, decide, deny
+from authplane.authz.evaluate import Decision, Request, decide, deny
 from authplane.authz.metrics import Metrics
 from authplane.authz.rules import CompiledPolicy, RuleTable
 from authplane.authz.tokens import Verifier

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from authplane.authz.decider import Decider
-from authplane.authz.engine import Decision, Request, deny
+from authplane.authz.evaluate import Decision, Request, deny
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, POLICY_KEY
 
 log = logging.getLogger("authplane.authz")

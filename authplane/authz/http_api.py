@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authplane.authz.decider import Decider
-from authplane.authz.engine import Decision, Request, deny
+from authplane.authz.evaluate import Decision, Request, deny
 from authplane.authz.rules import CompiledPolicy
 from authplane.authz.tokens import InvalidToken
 from authplane.contract import BUILTIN_HTTP_PREFIX, CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authplane.policy.credentials import parse_api_keys
-from authplane.policy.loader import Item, Policies, Resolved
+from authplane.policy.documents import Located, PolicySet, Resolved
 from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -136,14 +136,14 @@ def _rule(r: Any, ignore_case: bool) -> Rule:
         headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in)
 
 
-def compile_policy(item: Item[AuthPolicy], resolved: Resolved, ignore_case: bool = False) -> CompiledPolicy:
+def compile_policy(item: Located[AuthPolicy], resolved: Resolved, ignore_case: bool = False) -> CompiledPolicy:
     """One policy's builtin rules, from what the resolve stage read (no file is opened here);
     ``ignore_case``: the target's gateway matches paths ignoring case."""
-    ext = item.obj.spec.ext_auth
+    ext = item.resource.spec.ext_auth
     assert ext is not None and ext.rules is not None
     keys = (KeyTable.build(ext.api_keys, resolved.ext_keys)
             if ext.api_keys and resolved.ext_keys is not None else None)
-    jwt = item.obj.spec.jwt
+    jwt = item.resource.spec.jwt
     sources = [src for prov in jwt.providers for src in prov.from_ or []] if jwt else []
     credentials = ["authorization", "cookie"] + ([keys.header] if keys else [])
     credentials += [src.header for src in sources if src.header]  # forward auth reads tokens there
@@ -159,23 +159,23 @@ def compile_policy(item: Item[AuthPolicy], resolved: Resolved, ignore_case: bool
         strip=tuple(h.lower() for h in strip))
 
 
-def _case_sensitive(policies: Policies, item: Item[AuthPolicy]) -> bool:
+def _case_sensitive(policies: PolicySet, item: Located[AuthPolicy]) -> bool:
     """The ``pathMatching.caseSensitive`` of the gateway the policy's target belongs to."""
-    ref = item.obj.spec.target_ref
+    ref = item.resource.spec.target_ref
     name = ref.name
     if ref.kind == "Route":
         route = policies.routes.get(ref.name)
-        name = route.obj.spec.gateway if route else ""
+        name = route.resource.spec.gateway if route else ""
     gateway = policies.gateways.get(name)
-    return gateway is None or gateway.obj.spec.path_matching.case_sensitive
+    return gateway is None or gateway.resource.spec.path_matching.case_sensitive
 
 
-def compile_table(policies: Policies, version: str) -> RuleTable:
+def compile_table(policies: PolicySet, version: str) -> RuleTable:
     """Every ``service: builtin`` policy. The table version also covers the files the rules read
     (API key files are not part of the Envoy snapshot), so a key change invalidates the cache."""
     compiled: dict[str, CompiledPolicy] = {}
-    for name, item in policies.policies.items():
-        ext = item.obj.spec.ext_auth
+    for name, item in policies.auth_policies.items():
+        ext = item.resource.spec.ext_auth
         if ext is not None and ext.service == "builtin" and ext.rules is not None:
             compiled[name] = compile_policy(item, policies.resolved[name], not _case_sensitive(policies, item))
     digest = hashlib.sha256(version.encode())

@@ -26,7 +26,7 @@ from authplane.authz.http_api import HttpFrontend, http_server
 from authplane.authz.metrics import Metrics
 from authplane.authz.rules import RuleTable, compile_table
 from authplane.authz.tokens import cancel_fetches
-from authplane.policy.loader import Policies
+from authplane.policy.documents import PolicySet
 
 log = logging.getLogger("authplane.authz")
 
@@ -52,7 +52,7 @@ class AuthzService:
     def version(self) -> str:
         return self.decider.table.version
 
-    def update(self, policies: Policies, version: str) -> None:
+    def update(self, policies: PolicySet, version: str) -> None:
         """Compile the builtin rules of ``policies`` and swap them in; raises (and keeps the old
         rules) if they cannot be compiled."""
         self.update_table(compile_table(policies, version))

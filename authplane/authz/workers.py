@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from authplane.authz.rules import RuleTable, compile_table
-from authplane.policy.loader import Policies
+from authplane.policy.documents import PolicySet
 
 _LEN = struct.Struct("!I")
 ACK_TIMEOUT = 5.0
@@ -75,7 +75,7 @@ class WorkerPool:
         MultiProcessCollector(self.registry, path=metrics_dir)
         self._lock = threading.Lock()
 
-    def update(self, policies: Policies, version: str) -> None:
+    def update(self, policies: PolicySet, version: str) -> None:
         self.update_table(compile_table(policies, version))
 
     def update_table(self, table: RuleTable, wait: bool = True) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from authplane.policy.loader import Resolved
+from authplane.policy.documents import Resolved
 from authplane.policy.model import AuthPolicySpec, RouteMatch
 
 LEVELS = ("gateway", "route")

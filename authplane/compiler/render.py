@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel
 from udpa.annotations import sensitive_pb2
 
-from authplane.compiler.pb import pack
+from authplane.compiler.protos import pack
 from authplane.compiler.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from authplane.compiler.snapshot import Snapshot
 

@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from authplane.compiler.filters import ORDER, router
 from authplane.compiler.filters.base import disable
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
-from authplane.compiler.pb import ads_source, duration, pack, socket_address
+from authplane.compiler.protos import ads_source, duration, pack, socket_address
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"

@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 from authplane.compiler import translate
 from authplane.compiler.ir import CompileOptions, Origin
 from authplane.compiler.resources import TYPE_ORDER, fleet_resources
-from authplane.policy.loader import Policies
+from authplane.policy.documents import PolicySet
 
 
 def _digest(data: bytes) -> str:
@@ -33,7 +33,7 @@ class Snapshot:
         return cls(fleet, _digest(b""), {t: {} for t in TYPE_ORDER}, {t: {} for t in TYPE_ORDER})
 
 
-def compile_policies(policies: Policies, opts: CompileOptions | None = None) -> dict[str, Snapshot]:
+def compile_policies(policies: PolicySet, opts: CompileOptions | None = None) -> dict[str, Snapshot]:
     """Policies → one snapshot per fleet. Pure: the same policies give the same bytes."""
     out: dict[str, Snapshot] = {}
     for name, fleet in translate.build(policies, opts).items():

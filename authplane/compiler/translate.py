@@ -1,6 +1,6 @@
 """Policy model → IR: attach policies to their level, order routes, collect the routes' backends.
 
-Reads only the loaded policies (``Policies.resolved`` holds what their referenced files gave):
+Reads only the loaded policies (``PolicySet.resolved`` holds what their referenced files gave):
 no I/O. What a check compiles to is the business of its filter module (``filters/``).
 """
 
@@ -22,22 +22,22 @@ from authplane.compiler.ir import (
     VirtualHostIR,
     specificity,
 )
-from authplane.policy.loader import Item, Policies, Resolved
+from authplane.policy.documents import Located, PolicySet, Resolved
 from authplane.policy.model import AuthPolicy, Backend
 
 
-def origin(item: Item[Any]) -> Origin:
-    return Origin(item.obj.kind, item.name, item.source.path, item.source.line, item.source.col)
+def origin(item: Located[Any]) -> Origin:
+    return Origin(item.resource.kind, item.name, item.source.path, item.source.line, item.source.col)
 
 
-def _checks(p: Policies, pol: Item[AuthPolicy], level: str) -> Checks | None:
-    if pol.obj.spec.public:
+def _checks(p: PolicySet, pol: Located[AuthPolicy], level: str) -> Checks | None:
+    if pol.resource.spec.public:
         return None
-    return Checks(pol.name, level, origin(pol), pol.obj.spec, p.resolved.get(pol.name, Resolved()))
+    return Checks(pol.name, level, origin(pol), pol.resource.spec, p.resolved.get(pol.name, Resolved()))
 
 
-def _cluster(item: Item[Backend]) -> ClusterIR:
-    spec = item.obj.spec
+def _cluster(item: Located[Backend]) -> ClusterIR:
+    spec = item.resource.spec
     return ClusterIR(item.name, tuple(split_address(e) for e in spec.endpoints), spec.protocol == "http2",
                      spec.connect_timeout, spec.tls, spec.sni, origin(item))
 
@@ -49,22 +49,22 @@ def _domain_covers(pattern: str, domain: str) -> bool:
     return pattern.startswith("*.") and domain.endswith(pattern[1:]) and domain != pattern[2:]
 
 
-def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]:
+def build(p: PolicySet, opts: CompileOptions | None = None) -> dict[str, FleetIR]:
     """Every fleet named by a gateway, with its listeners, routes, checks and clusters."""
     env = Env(opts or CompileOptions(), {name: _cluster(b) for name, b in p.backends.items()})
     fleets: dict[str, FleetIR] = {}
-    policy_for: dict[tuple[str, str, str | None], Item[AuthPolicy]] = {
-        (x.obj.spec.target_ref.kind, x.obj.spec.target_ref.name, x.obj.spec.target_ref.rule): x
-        for x in p.policies.values()
+    policy_for: dict[tuple[str, str, str | None], Located[AuthPolicy]] = {
+        (x.resource.spec.target_ref.kind, x.resource.spec.target_ref.name, x.resource.spec.target_ref.rule): x
+        for x in p.auth_policies.values()
     }
     for gw in p.gateways.values():
-        fleet = fleets.setdefault(gw.obj.spec.fleet, FleetIR(gw.obj.spec.fleet))
+        fleet = fleets.setdefault(gw.resource.spec.fleet, FleetIR(gw.resource.spec.fleet))
         gw_pol = policy_for.get(("Gateway", gw.name, None))
         gw_checks = _checks(p, gw_pol, "gateway") if gw_pol else None
-        for lst in gw.obj.spec.listeners:
+        for lst in gw.resource.spec.listeners:
             routes: list[tuple[tuple[str, ...], RouteIR]] = []
             for route in p.routes.values():
-                spec = route.obj.spec
+                spec = route.resource.spec
                 if spec.gateway != gw.name or (spec.listeners is not None and lst.name not in spec.listeners):
                     continue
                 for rule, rule_name in zip(spec.rules, spec.rule_names(), strict=True):
@@ -75,7 +75,7 @@ def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]
                     r = RouteIR(
                         name=f"{route.name}/{rule_name}", match=rule.match,
                         cluster=rule.backend, timeout=rule.timeout,
-                        checks=checks, public=bool(pol and pol.obj.spec.public),
+                        checks=checks, public=bool(pol and pol.resource.spec.public),
                         origin=origin(route), specificity=specificity(rule.match))
                     routes.append((tuple(spec.hostnames), r))
             domains = sorted({h for hosts, _ in routes for h in hosts}, key=lambda d: (d == "*", d))
@@ -87,10 +87,10 @@ def build(p: Policies, opts: CompileOptions | None = None) -> dict[str, FleetIR]
                 vhosts.append(VirtualHostIR(domain, (domain,), tuple(members)))
             fleet.listeners.append(ListenerIR(
                 name=f"{gw.name}/{lst.name}", gateway=gw.name, address=lst.address, port=lst.port,
-                xff_num_trusted_hops=gw.obj.spec.xff_num_trusted_hops, checks=gw_checks,
+                xff_num_trusted_hops=gw.resource.spec.xff_num_trusted_hops, checks=gw_checks,
                 virtual_hosts=tuple(vhosts), origin=origin(gw),
-                case_sensitive=gw.obj.spec.path_matching.case_sensitive,
-                reject_ambiguous=gw.obj.spec.path_matching.reject_ambiguous, env=env))
+                case_sensitive=gw.resource.spec.path_matching.case_sensitive,
+                reject_ambiguous=gw.resource.spec.path_matching.reject_ambiguous, env=env))
     for fleet in fleets.values():
         fleet.listeners.sort(key=lambda x: x.name)
         fleet.clusters = dict(sorted(fleet.clusters.items()))

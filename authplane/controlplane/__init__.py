@@ -8,7 +8,7 @@ The parts follow go-control-plane's split, so either side can change alone:
 - ``stream.py``    what SotW and Delta streams share: nonces, ACK/NACK, flow control, and
                    ``Callbacks``, the one hook into stream events (``tracker.py`` uses it)
 - ``sotw.py`` / ``delta.py``   the two ADS protocol variants
-- ``server.py``    the gRPC service that hands each call to a stream
+- ``ads.py``       the gRPC service that hands each call to a stream
 - ``admin.py``     ``/status``, ``/metrics``, ``/healthz`` and the ``authplane status`` table
 - ``bootstrap.py`` the Envoy bootstrap of one fleet member
 - ``app.py``       the asyncio components of ``serve`` and their shared store

@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 from authplane.compiler.ir import CompileOptions
 from authplane.compiler.render import SECTION
 from authplane.controlplane.admin import AdminServer
+from authplane.controlplane.ads import XdsServer
 from authplane.controlplane.cache import SnapshotCache
 from authplane.controlplane.metrics import Metrics
-from authplane.controlplane.server import XdsServer
 from authplane.controlplane.store import PolicyStore, Revision, RevisionHook
 from authplane.controlplane.tracker import Tracker, iso
 from authplane.controlplane.watch import PolicyWatcher

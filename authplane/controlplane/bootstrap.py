@@ -14,7 +14,7 @@ from envoy.type.matcher.v3 import string_pb2
 
 from authplane.addresses import split_address
 from authplane.compiler.ir import ClusterIR
-from authplane.compiler.pb import ads_source, duration, pack, socket_address
+from authplane.compiler.protos import ads_source, duration, pack, socket_address
 from authplane.compiler.render import dump, to_dict
 from authplane.compiler.resources import cluster
 

@@ -1,6 +1,6 @@
 """The snapshot cache: what each fleet is served now, and which streams to tell when it changes.
 
-It knows nothing of the xDS protocols; streams read ``Prepared`` snapshots and get a
+It knows nothing of the xDS protocols; streams read ``PackedSnapshot`` snapshots and get a
 ``snapshot_changed()`` call when their fleet's version changes.
 """
 
@@ -13,7 +13,7 @@ from typing import Protocol
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from authplane.compiler.pb import pack
+from authplane.compiler.protos import pack
 from authplane.compiler.resources import CLUSTER, LISTENER, TYPE_ORDER
 from authplane.compiler.snapshot import Snapshot
 
@@ -24,7 +24,7 @@ WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PackedSnapshot:
     """A snapshot whose resources are packed once and shared by every stream of the fleet."""
 
     snapshot: Snapshot
@@ -45,7 +45,7 @@ class Prepared:
         return self.snapshot.resource_versions.get(type_url, {})
 
     @classmethod
-    def of(cls, snap: Snapshot) -> Prepared:
+    def of(cls, snap: Snapshot) -> PackedSnapshot:
         resources: dict[str, dict[str, discovery_pb2.Resource]] = {}
         keys: dict[str, tuple[tuple[str, str], ...]] = {}
         for type_url in TYPE_ORDER:
@@ -63,37 +63,37 @@ class Watcher(Protocol):
 
 
 class SnapshotCache:
-    """Fleet → ``Prepared`` snapshot. An Envoy of an unknown fleet is served an empty one, but
+    """Fleet → ``PackedSnapshot`` snapshot. An Envoy of an unknown fleet is served an empty one, but
     only once a valid revision exists: until ``ready``, streams answer nothing, so an Envoy keeps
     whatever it runs (a restart with a broken directory must not wipe the fleet)."""
 
     def __init__(self) -> None:
         self.ready = False
-        self._fleets: dict[str, Prepared] = {}
-        self._empty: dict[str, Prepared] = {}
+        self._fleets: dict[str, PackedSnapshot] = {}
+        self._empty: dict[str, PackedSnapshot] = {}
         self._watchers: dict[str, set[Watcher]] = defaultdict(set)
 
-    def get(self, fleet: str) -> Prepared:
+    def get(self, fleet: str) -> PackedSnapshot:
         found = self._fleets.get(fleet)
         if found is not None:
             return found
         if fleet not in self._empty:
-            self._empty[fleet] = Prepared.of(Snapshot.empty(fleet))
+            self._empty[fleet] = PackedSnapshot.of(Snapshot.empty(fleet))
         return self._empty[fleet]
 
     def known(self, fleet: str) -> bool:
         return fleet in self._fleets
 
-    def fleets(self) -> dict[str, Prepared]:
+    def fleets(self) -> dict[str, PackedSnapshot]:
         return dict(self._fleets)
 
     def set_snapshots(self, snapshots: dict[str, Snapshot]) -> list[str]:
         """Swap in a whole set of fleet snapshots; returns the fleets whose version changed."""
         changed: list[str] = []
-        fleets: dict[str, Prepared] = {}
+        fleets: dict[str, PackedSnapshot] = {}
         for fleet, snap in snapshots.items():
             old = self._fleets.get(fleet)
-            fleets[fleet] = old if old is not None and old.version == snap.version else Prepared.of(snap)
+            fleets[fleet] = old if old is not None and old.version == snap.version else PackedSnapshot.of(snap)
         for fleet in sorted(set(self._fleets) | set(fleets)):
             before = self._fleets.get(fleet)
             after = fleets.get(fleet)

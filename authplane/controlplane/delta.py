@@ -52,10 +52,10 @@ class DeltaStream(Stream):
         await self.respond(type_url, ts)
 
     async def respond(self, type_url: str, ts: TypeState) -> None:
-        if self.prepared is None:
+        if self.packed is None:
             return  # nothing valid loaded yet: the client keeps what it has
-        current = self.prepared.resources.get(type_url, {})
-        versions = self.prepared.versions(type_url)
+        current = self.packed.resources.get(type_url, {})
+        versions = self.packed.versions(type_url)
         wanted = current if ts.wildcard else sorted(ts.subscribed)
         send = [name for name in wanted if name in current and ts.known.get(name) != versions[name]]
         gone = (ts.known.keys() | ts.subscribed) - current.keys()
@@ -67,7 +67,7 @@ class DeltaStream(Stream):
             return
         nonce = self.next_nonce()
         response = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=self.prepared.version, type_url=type_url, nonce=nonce,
+            system_version_info=self.packed.version, type_url=type_url, nonce=nonce,
             control_plane=CONTROL_PLANE, resources=[current[name] for name in send], removed_resources=removed)
         for name in send:
             ts.known[name] = versions[name]
@@ -76,4 +76,4 @@ class DeltaStream(Stream):
                 ts.known[name] = ABSENT
             else:
                 del ts.known[name]
-        await self.send(type_url, ts, response, Sent(nonce, self.prepared, tuple(send), tuple(removed)))
+        await self.send(type_url, ts, response, Sent(nonce, self.packed, tuple(send), tuple(removed)))

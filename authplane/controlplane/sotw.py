@@ -32,14 +32,14 @@ class SotwStream(Stream):
         return rejected
 
     def _key(self, type_url: str, ts: TypeState) -> tuple[tuple[str, str], ...]:
-        assert self.prepared is not None
+        assert self.packed is not None
         if type_url in WILDCARD_TYPES and (not ts.names or "*" in ts.names):
-            return self.prepared.keys.get(type_url, ())
-        versions = self.prepared.versions(type_url)
+            return self.packed.keys.get(type_url, ())
+        versions = self.packed.versions(type_url)
         return tuple((name, versions[name]) for name in sorted(ts.names) if name in versions)
 
     async def respond(self, type_url: str, ts: TypeState) -> None:
-        if self.prepared is None:
+        if self.packed is None:
             return  # nothing valid loaded yet: the client keeps what it has
         key = self._key(type_url, ts)
         if ts.last is not None and ts.last.key == key:
@@ -48,9 +48,9 @@ class SotwStream(Stream):
         if not ts.waiting:
             return
         nonce = self.next_nonce()
-        resources = self.prepared.resources.get(type_url, {})
+        resources = self.packed.resources.get(type_url, {})
         response = discovery_pb2.DiscoveryResponse(
-            version_info=self.prepared.version, type_url=type_url, nonce=nonce, control_plane=CONTROL_PLANE,
+            version_info=self.packed.version, type_url=type_url, nonce=nonce, control_plane=CONTROL_PLANE,
             resources=[resources[name].resource for name, _ in key])
-        sent = Sent(nonce, self.prepared, tuple(name for name, _ in key), key=key)
+        sent = Sent(nonce, self.packed, tuple(name for name, _ in key), key=key)
         await self.send(type_url, ts, response, sent)

@@ -23,7 +23,9 @@ from authplane.compiler.ir import CompileOptions
 from authplane.compiler.snapshot import Snapshot, compile_policies
 from authplane.controlplane.metrics import Metrics
 from authplane.errors import CompileError, PolicyError, Problem
-from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, SETTLE_SECONDS, Policies, load_dir
+from authplane.policy.documents import PolicySet
+from authplane.policy.files import DEFAULT_MAX_FILE_SIZE, SETTLE_SECONDS
+from authplane.policy.loader import load_dir
 
 log = logging.getLogger("authplane.reload")
 T = TypeVar("T")
@@ -36,7 +38,7 @@ class Revision:
     """One successful load of the policy directory."""
 
     snapshots: dict[str, Snapshot]
-    policies: Policies | None = None
+    policies: PolicySet | None = None
     files: tuple[str, ...] = ()
     """Files read besides the policy files (JWKS, API keys): watched too."""
     loaded_at: float = field(default_factory=time.time)

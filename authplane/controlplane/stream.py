@@ -23,7 +23,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 
 from authplane.compiler.resources import TYPE_ORDER
-from authplane.controlplane.cache import Prepared, SnapshotCache
+from authplane.controlplane.cache import PackedSnapshot, SnapshotCache
 
 log = logging.getLogger("authplane.xds")
 
@@ -71,7 +71,7 @@ class Sent:
     """One response: what it carried, so an ACK or NACK can be traced back to policy sources."""
 
     nonce: str
-    prepared: Prepared
+    packed: PackedSnapshot
     names: tuple[str, ...]
     removed: tuple[str, ...] = ()
     key: tuple[tuple[str, str], ...] = ()
@@ -80,7 +80,7 @@ class Sent:
 
     @property
     def version(self) -> str:
-        return self.prepared.version
+        return self.packed.version
 
 
 @dataclass(eq=False)
@@ -95,7 +95,7 @@ class Rejection:
 
     def sources(self) -> list[str]:
         """The policy objects (``Kind 'name' (path:line:col)``) behind the rejected resources."""
-        origins = self.sent.prepared.snapshot.origins
+        origins = self.sent.packed.snapshot.origins
         found = (str(o) for name in sorted(self.names) for o in origins.get((self.type_url, name), ()))
         return list(dict.fromkeys(found))
 
@@ -170,7 +170,7 @@ class Stream:
         self.fleet = ""
         self.opened_at = time.time()
         self.opened = False
-        self.prepared: Prepared | None = None
+        self.packed: PackedSnapshot | None = None
         self.types: dict[str, TypeState] = {}
         self._requests: asyncio.Queue[Any] = asyncio.Queue(MAX_QUEUED)
         self._wake = asyncio.Event()
@@ -217,7 +217,7 @@ class Stream:
         """Drop what only an open stream needs: status keeps a closed stream (its acked
         versions and rejection) as a node's last known state, not its buffers and snapshots."""
         self._requests = asyncio.Queue(MAX_QUEUED)
-        self.prepared = None
+        self.packed = None
         for ts in self.types.values():
             ts.inflight.clear()
             ts.last = None
@@ -263,7 +263,7 @@ class Stream:
             named = ", ".join(repr(f) for f in sorted(self.permitted)) or "none"
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"fleet {self.fleet!r} (node.cluster) is not one "
                           f"its client certificate names (fleets: {named})", reason="fleet")
-        self.prepared = self.current()
+        self.packed = self.current()
         self.cache.watch(self.fleet, self)
         self.opened = True
         if not self.cache.ready:
@@ -275,12 +275,12 @@ class Stream:
                         self.node_id, self.fleet, known)
         self.callbacks.stream_opened(self)
 
-    def current(self) -> Prepared | None:
+    def current(self) -> PackedSnapshot | None:
         """The fleet's snapshot; None while no valid revision exists (nothing is answered)."""
         return self.cache.get(self.fleet) if self.cache.ready else None
 
     async def _snapshot_changed(self) -> None:
-        self.prepared = self.current()
+        self.packed = self.current()
         for type_url in self.ordered_types():
             await self.respond(type_url, self.types[type_url])
 
@@ -328,8 +328,8 @@ class Stream:
 
     def unchanged(self, ts: TypeState) -> None:
         """Nothing to send: if Envoy accepted what it has, it now runs the current version."""
-        if self.prepared is not None and not ts.inflight and ts.rejection is None and ts.responded:
-            ts.acked = self.prepared.version
+        if self.packed is not None and not ts.inflight and ts.rejection is None and ts.responded:
+            ts.acked = self.packed.version
 
     async def send(self, type_url: str, ts: TypeState, response: Any, sent: Sent) -> None:
         ts.waiting = False

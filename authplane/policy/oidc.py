@@ -129,7 +129,7 @@ def read_secret(ref: SecretRef, relative: Callable[[str], str],
                 limit: int | None = None) -> tuple[bytes, str | None]:
     """(secret, path of the file it came from, if any); ``relative`` turns the policy's file name
     into a path (``Source.relative``)."""
-    from authplane.policy.loader import DEFAULT_MAX_FILE_SIZE, read_file
+    from authplane.policy.files import DEFAULT_MAX_FILE_SIZE, read_file
 
     if ref.env is not None:
         value = os.environ.get(ref.env, "").strip()

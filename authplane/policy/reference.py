@@ -88,9 +88,7 @@ spec:
 apiVersion: authplane.dev/v1alpha1
 kind: AuthPolicy
 metadata: {name: openai-health}
-spec:
-  targetRef: {kind: Route, name: openai, rule: health}
-  public: true
+spec: {targetRef: {kind: Route, name: openai, rule: health}, public: true}
 """
 
 INTRO = """\

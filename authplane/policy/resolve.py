@@ -1,9 +1,9 @@
 """The resolve stage: read every file the policies name (JWKS, htpasswd and key files, OIDC
-secrets) and run OIDC discovery, once, into ``Policies.resolved``, checking what was read.
+secrets) and run OIDC discovery, once, into ``PolicySet.resolved``, checking what was read.
 
 After this stage nothing reads a file or the network for these policies: the compiler and the
-decision service work from ``Policies.resolved``. Every file read also lands in
-``Policies.files`` (path → text), which is part of the served version and watched by ``serve``.
+decision service work from ``PolicySet.resolved``. Every file read also lands in
+``PolicySet.files`` (path → text), which is part of the served version and watched by ``serve``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from authplane.policy.credentials import (
     parse_htpasswd,
     parse_key_file,
 )
-from authplane.policy.loader import Item, Policies, Resolved
+from authplane.policy.documents import Located, PolicySet, Resolved
+from authplane.policy.files import read_file
 from authplane.policy.model import AuthPolicy
 from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
 from authplane.policy.oidc import endpoints as oidc_endpoints
@@ -38,11 +39,11 @@ def usable_keys(jwks: Any) -> str | None:
     return "no usable key (each key needs kty RSA/EC/oct/OKP and its members, e.g. n and e for RSA)"
 
 
-def resolve(p: Policies) -> list[Problem]:
+def resolve(p: PolicySet) -> list[Problem]:
     """Fill ``p.resolved`` for every AuthPolicy; the problems found in what was read."""
     out: list[Problem] = []
-    for pol in p.policies.values():
-        spec = pol.obj.spec
+    for pol in p.auth_policies.values():
+        spec = pol.resource.spec
         p.resolved[pol.name] = Resolved(
             jwks=_jwks(p, pol, out) if spec.jwt else {},
             users=tuple(_read_entries(p, pol, "basicAuth", spec.basic_auth.file, parse_htpasswd, out))
@@ -54,13 +55,13 @@ def resolve(p: Policies) -> list[Problem]:
     return out
 
 
-def _read(p: Policies, pol: Item[AuthPolicy], rel: str, where: tuple[Any, ...], what: str,
+def _read(p: PolicySet, pol: Located[AuthPolicy], rel: str, where: tuple[Any, ...], what: str,
           out: list[Problem]) -> tuple[str, str] | None:
     """(path, text) of a file the policy names, recorded in ``p.files``; None (with a problem)
     when it cannot be read."""
     path = pol.source.relative(rel)
     try:
-        text = p.read_text(path)
+        text = read_file(path, p.max_file_size).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not a UTF-8 text file"
         out.append(pol.source.problem(where, f"cannot read {what}{rel!r}: {reason}"))
@@ -68,8 +69,8 @@ def _read(p: Policies, pol: Item[AuthPolicy], rel: str, where: tuple[Any, ...], 
     return path, text
 
 
-def _jwks(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> dict[str, str]:
-    jwt = pol.obj.spec.jwt
+def _jwks(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> dict[str, str]:
+    jwt = pol.resource.spec.jwt
     assert jwt is not None
     found: dict[str, str] = {}
     for i, prov in enumerate(jwt.providers):
@@ -95,7 +96,7 @@ def _jwks(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> dict[str, s
     return found
 
 
-def _read_entries(p: Policies, pol: Item[AuthPolicy], section: str, rel: str,
+def _read_entries(p: PolicySet, pol: Located[AuthPolicy], section: str, rel: str,
                   parse: Callable[[str, str], tuple[list[Entry], list[Problem]]],
                   out: list[Problem]) -> list[Entry]:
     """Read and check an htpasswd or key file; its content becomes part of the version."""
@@ -109,8 +110,8 @@ def _read_entries(p: Policies, pol: Item[AuthPolicy], section: str, rel: str,
     return entries
 
 
-def _api_key(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> tuple[Entry, ...]:
-    spec = pol.obj.spec.api_key
+def _api_key(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> tuple[Entry, ...]:
+    spec = pol.resource.spec.api_key
     assert spec is not None
     entries = _read_entries(p, pol, "apiKey", spec.file, parse_key_file, out)
     known = {e.name for e in entries}
@@ -121,10 +122,10 @@ def _api_key(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> tuple[En
     return tuple(entries)
 
 
-def _ext_keys(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> str | None:
+def _ext_keys(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> str | None:
     """The ``extAuth.apiKeys`` file's text, checked, and its clients against the rules' ``apiKeys``
     conditions."""
-    ext = pol.obj.spec.ext_auth
+    ext = pol.resource.spec.ext_auth
     assert ext is not None and ext.api_keys is not None
     where = ("spec", "extAuth", "apiKeys", "file")
     read = _read(p, pol, ext.api_keys.file, where, "API key file ", out)
@@ -146,9 +147,9 @@ def _ext_keys(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> str | N
     return text
 
 
-def _oidc(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> ResolvedOidc | None:
+def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> ResolvedOidc | None:
     """Endpoints (discovery) and secrets; the secret files are watched like policy files."""
-    spec = pol.obj.spec.oidc
+    spec = pol.resource.spec.oidc
     assert spec is not None
     where = ("spec", "oidc")
     secrets: dict[str, bytes] = {}

@@ -12,13 +12,13 @@ from pydantic.alias_generators import to_camel, to_snake
 
 from authplane.contract import RESERVED_HEADERS
 from authplane.errors import Problem
-from authplane.policy.loader import Item, Policies, Source
+from authplane.policy.documents import Located, PolicySet, Source
 from authplane.policy.model import AuthPolicy, ExtAuthRule, Route, TargetRef
 
 CHECKS = ("jwt", "oidc", "authorization", "basicAuth", "apiKey", "extAuth")
 """The check sections of an AuthPolicy, as written in YAML."""
 
-def validate(p: Policies) -> list[Problem]:
+def validate(p: PolicySet) -> list[Problem]:
     problems: list[Problem] = []
     _gateways(p, problems)
     _routes(p, problems)
@@ -26,16 +26,16 @@ def validate(p: Policies) -> list[Problem]:
     return problems
 
 
-def _gateways(p: Policies, out: list[Problem]) -> None:
-    bound: dict[tuple[str, int], tuple[Item[Any], int]] = {}
+def _gateways(p: PolicySet, out: list[Problem]) -> None:
+    bound: dict[tuple[str, int], tuple[Located[Any], int]] = {}
     for gw in p.gateways.values():
         seen: set[str] = set()
-        for i, lst in enumerate(gw.obj.spec.listeners):
+        for i, lst in enumerate(gw.resource.spec.listeners):
             if lst.name in seen:
                 out.append(gw.source.problem(("spec", "listeners", i, "name"),
                                              f"duplicate listener name {lst.name!r}"))
             seen.add(lst.name)
-            key = (gw.obj.spec.fleet, lst.port)
+            key = (gw.resource.spec.fleet, lst.port)
             if key in bound:
                 other, j = bound[key]
                 out.append(gw.source.problem(
@@ -46,14 +46,14 @@ def _gateways(p: Policies, out: list[Problem]) -> None:
                 bound[key] = (gw, i)
 
 
-def _routes(p: Policies, out: list[Problem]) -> None:
+def _routes(p: PolicySet, out: list[Problem]) -> None:
     for route in p.routes.values():
-        spec = route.obj.spec
+        spec = route.resource.spec
         gw = p.gateways.get(spec.gateway)
         if gw is None:
             _missing(p, route, ("spec", "gateway"), "Gateway", spec.gateway, out)
         elif spec.listeners is not None:
-            names = {lst.name for lst in gw.obj.spec.listeners}
+            names = {lst.name for lst in gw.resource.spec.listeners}
             for i, name in enumerate(spec.listeners):
                 if name not in names:
                     out.append(route.source.problem(
@@ -70,7 +70,7 @@ def _routes(p: Policies, out: list[Problem]) -> None:
                 _missing(p, route, ("spec", "rules", i, "backend"), "Backend", rule.backend, out)
 
 
-def _missing(p: Policies, item: Item[Any], path: tuple[Any, ...], kind: str, name: str,
+def _missing(p: PolicySet, item: Located[Any], path: tuple[Any, ...], kind: str, name: str,
              out: list[Problem], extra: str = "") -> None:
     """Report a dangling reference, unless the target exists but failed to load."""
     if (kind, name) in p.broken:
@@ -80,13 +80,14 @@ def _missing(p: Policies, item: Item[Any], path: tuple[Any, ...], kind: str, nam
     out.append(item.source.problem(path, f"{kind} {name!r} does not exist{hint}"))
 
 
-def _policies(p: Policies, out: list[Problem]) -> None:
-    gateways_with_jwt = {x.obj.spec.target_ref.name for x in p.policies.values()
-                         if x.obj.spec.target_ref.kind == "Gateway" and (x.obj.spec.jwt or x.obj.spec.oidc)}
-    targets: dict[tuple[str, str, str | None], Item[AuthPolicy]] = {}
-    by_route: dict[str, list[Item[AuthPolicy]]] = defaultdict(list)
-    for pol in p.policies.values():
-        spec = pol.obj.spec
+def _policies(p: PolicySet, out: list[Problem]) -> None:
+    gateways_with_jwt = {x.resource.spec.target_ref.name for x in p.auth_policies.values()
+                         if x.resource.spec.target_ref.kind == "Gateway"
+                         and (x.resource.spec.jwt or x.resource.spec.oidc)}
+    targets: dict[tuple[str, str, str | None], Located[AuthPolicy]] = {}
+    by_route: dict[str, list[Located[AuthPolicy]]] = defaultdict(list)
+    for pol in p.auth_policies.values():
+        spec = pol.resource.spec
         ref = spec.target_ref
         src = pol.source
         table = p.gateways if ref.kind == "Gateway" else p.routes
@@ -119,7 +120,7 @@ def _policies(p: Policies, out: list[Problem]) -> None:
         if spec.authorization:
             _names(pol, ("spec", "authorization", "rules"), spec.authorization.rules, out)
             route = p.routes.get(ref.name) if ref.kind == "Route" else None
-            gateway_jwt = route is not None and route.obj.spec.gateway in gateways_with_jwt
+            gateway_jwt = route is not None and route.resource.spec.gateway in gateways_with_jwt
             if any(r.when.claims for r in spec.authorization.rules) and not (spec.jwt or spec.oidc or gateway_jwt):
                 out.append(src.problem(("spec", "authorization"),
                                        "claims conditions need a jwt or oidc section in this policy or on the "
@@ -130,8 +131,8 @@ def _policies(p: Policies, out: list[Problem]) -> None:
         if spec.ext_auth:
             _ext_auth(p, pol, out)
     for route_name, pols in by_route.items():
-        whole = [x for x in pols if x.obj.spec.target_ref.rule is None]
-        parts = [x for x in pols if x.obj.spec.target_ref.rule is not None]
+        whole = [x for x in pols if x.resource.spec.target_ref.rule is None]
+        parts = [x for x in pols if x.resource.spec.target_ref.rule is not None]
         if whole and parts:
             for part in parts:
                 out.append(part.source.problem(
@@ -140,10 +141,10 @@ def _policies(p: Policies, out: list[Problem]) -> None:
                     "for all its rules; split the route or move the checks into one policy"))
 
 
-def _target_rule(route: Item[Route], src: Source, rule: str, out: list[Problem]) -> None:
+def _target_rule(route: Located[Route], src: Source, rule: str, out: list[Problem]) -> None:
     """A policy for one rule needs that rule's written name: a derived ``rule-<i>`` moves when rules
     are reordered."""
-    spec = route.obj.spec
+    spec = route.resource.spec
     named = [r.name for r in spec.rules if r.name]
     if rule in named:
         return
@@ -158,7 +159,7 @@ def _target_rule(route: Item[Route], src: Source, rule: str, out: list[Problem])
     out.append(src.problem(("spec", "targetRef", "rule"), msg))
 
 
-def _names(pol: Item[AuthPolicy], path: tuple[str, ...], things: list[Any], out: list[Problem]) -> None:
+def _names(pol: Located[AuthPolicy], path: tuple[str, ...], things: list[Any], out: list[Problem]) -> None:
     seen: set[str] = set()
     for i, thing in enumerate(things):
         if thing.name in seen:
@@ -166,14 +167,14 @@ def _names(pol: Item[AuthPolicy], path: tuple[str, ...], things: list[Any], out:
         seen.add(thing.name)
 
 
-def _jwt(pol: Item[AuthPolicy], out: list[Problem]) -> None:
-    jwt = pol.obj.spec.jwt
+def _jwt(pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    jwt = pol.resource.spec.jwt
     assert jwt is not None
     _names(pol, ("spec", "jwt", "providers"), jwt.providers, out)
 
 
-def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
-    ext = pol.obj.spec.ext_auth
+def _ext_auth(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    ext = pol.resource.spec.ext_auth
     assert ext is not None
     where = ("spec", "extAuth")
     if ext.service == "builtin":
@@ -190,7 +191,7 @@ def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
     else:
         if ext.service not in p.backends:
             _missing(p, pol, (*where, "service"), "Backend", ext.service, out, " (or use builtin)")
-        elif ext.protocol == "grpc" and p.backends[ext.service].obj.spec.protocol != "http2":
+        elif ext.protocol == "grpc" and p.backends[ext.service].resource.spec.protocol != "http2":
             out.append(pol.source.problem((*where, "service"),
                                           f"gRPC ext_authz needs Backend {ext.service!r} to have protocol: http2"))
         for name in ("rules", "api_keys"):
@@ -202,8 +203,8 @@ def _ext_auth(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
 _NATIVE_DENY = ExtAuthRule.model_fields["deny"].default
 
 
-def _builtin_rules(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> None:
-    ext = pol.obj.spec.ext_auth
+def _builtin_rules(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    ext = pol.resource.spec.ext_auth
     assert ext is not None and ext.rules is not None
     where = ("spec", "extAuth", "rules")
     for i, rule in enumerate(ext.rules):
@@ -215,12 +216,12 @@ def _builtin_rules(p: Policies, pol: Item[AuthPolicy], out: list[Problem]) -> No
         if rule.when.api_keys and ext.api_keys is None:  # the clients are checked by resolve.py
             out.append(pol.source.problem((*where, i, "when", "apiKeys"),
                                           "apiKeys conditions need extAuth.apiKeys (the key file)"))
-    if any(r.when.claims for r in ext.rules) and not pol.obj.spec.jwt:
-        ref = pol.obj.spec.target_ref
+    if any(r.when.claims for r in ext.rules) and not pol.resource.spec.jwt:
+        ref = pol.resource.spec.target_ref
         route = p.routes.get(ref.name) if ref.kind == "Route" else None
-        if route is None or not any(
-                x.obj.spec.jwt and x.obj.spec.target_ref == TargetRef(kind="Gateway", name=route.obj.spec.gateway)
-                for x in p.policies.values()):
+        gateway = TargetRef(kind="Gateway", name=route.resource.spec.gateway) if route else None
+        if gateway is None or not any(
+                x.resource.spec.jwt and x.resource.spec.target_ref == gateway for x in p.auth_policies.values()):
             out.append(pol.source.problem(where, "claims conditions need a jwt section in this "
                                                  "policy or on the gateway"))
     native = all(

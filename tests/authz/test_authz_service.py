@@ -11,7 +11,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 
 from authplane.authz.cache import TtlCache, cache_key
-from authplane.authz.engine import Request, api_client, decide
+from authplane.authz.evaluate import Request, api_client, decide
 from authplane.authz.grpc_api import SERVICE
 from authplane.authz.rules import compile_table
 from authplane.authz.workers import start_workers

@@ -104,7 +104,7 @@ def test_ports_match_the_example_policies(compose):
         cmd = services[service]["command"]
         return int(cmd[cmd.index("--port") + 1])
 
-    endpoints = {name: {int(e.rpartition(":")[2]) for e in b.obj.spec.endpoints}
+    endpoints = {name: {int(e.rpartition(":")[2]) for e in b.resource.spec.endpoints}
                  for name, b in policies.backends.items()}
     assert port_of("echo") in endpoints["echo"]
     assert port_of("sample-ext-authz") in endpoints["sample-ext-authz"]

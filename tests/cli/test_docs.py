@@ -31,7 +31,7 @@ def test_reference_documents_every_schema_field():
 
 def test_reference_example_is_valid():
     policies = load_texts({"example.yaml": EXAMPLE})
-    assert set(policies.policies) == {"edge-auth", "openai-chat", "openai-health"}
+    assert set(policies.auth_policies) == {"edge-auth", "openai-chat", "openai-health"}
 
 
 def _docs() -> dict[str, str]:

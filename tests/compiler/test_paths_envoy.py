@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from authplane.authz.engine import Request, decide
+from authplane.authz.evaluate import Request, decide
 from authplane.authz.http_api import normalize_path
 from authplane.authz.rules import compile_table
 from authplane.devtools.echo import EchoServer

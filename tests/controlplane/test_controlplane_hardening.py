@@ -18,13 +18,13 @@ from contextlib import contextmanager
 import grpc
 import pytest
 
-from authplane.authz.serving import decision_service
+from authplane.authz.component import decision_service
 from authplane.cli import build_parser
 from authplane.compiler.ir import CompileOptions
 from authplane.compiler.resources import CLUSTER
 from authplane.controlplane.admin import format_status
+from authplane.controlplane.ads import MAX_REQUEST_BYTES
 from authplane.controlplane.app import ControlPlane, ServeConfig
-from authplane.controlplane.server import MAX_REQUEST_BYTES
 from authplane.controlplane.stream import MAX_ID, MAX_NAMES, MAX_TYPES
 from authplane.envoy_bin import EnvoyProcess
 from tests.support.ads import AdsClient, sotw_request

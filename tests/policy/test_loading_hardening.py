@@ -16,7 +16,8 @@ import pytest
 
 from authplane.controlplane.app import ControlPlane, ServeConfig
 from authplane.errors import PolicyError
-from authplane.policy.loader import load_dir, read_file
+from authplane.policy.files import read_file
+from authplane.policy.loader import load_dir
 from tests.support.http import metric_sum, request
 from tests.support.policies import backend, documents, gateway, write_policies
 from tests.support.ports import free_port, wait_for
@@ -308,7 +309,7 @@ def test_a_few_small_aliases_keep_working(tmp_path):
             - {name: a, backend: echo, match: &m {pathPrefix: /a, methods: [GET, HEAD]}}
             - {name: b, backend: echo, match: *m}
         """)})
-    rules = load_dir(d).routes["app"].obj.spec.rules
+    rules = load_dir(d).routes["app"].resource.spec.rules
     assert rules[0].match == rules[1].match and rules[1].match.methods == ["GET", "HEAD"]
 
 
@@ -390,7 +391,7 @@ def test_swaps_and_saves_made_while_a_reload_is_applied_are_not_missed(tmp_path)
         os.replace(tmp_path / "policies.new", tmp_path / "policies")
 
     def prefix(policies) -> str:  # -> the route's path prefix
-        return policies.routes["app"].obj.spec.rules[0].match.path_prefix
+        return policies.routes["app"].resource.spec.rules[0].match.path_prefix
 
     for sha in ("aaa", "bbb", "ccc"):
         tree(sha, f"/{sha}")

@@ -24,7 +24,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from authplane.compiler.ir import Checks, ClusterIR, ListenerIR, RouteIR
-from authplane.compiler.pb import pack
+from authplane.compiler.protos import pack
 
 PerFilterConfig = dict[str, any_pb2.Any]
 """HTTP filter instance name → its ``typed_per_filter_config`` entry."""

@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from authplane.addresses import split_address
 from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, enable, http_filter
 from authplane.compiler.ir import Checks, ClusterIR, ListenerIR
-from authplane.compiler.pb import duration
+from authplane.compiler.protos import duration
 from authplane.contract import (
     BUILTIN_HTTP_PREFIX,
     CLIENT_IP_HEADER,

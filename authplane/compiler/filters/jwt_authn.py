@@ -20,7 +20,7 @@ from google.protobuf import empty_pb2
 from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, http_filter, uri_cluster
 from authplane.compiler.filters.oauth2 import id_token_check
 from authplane.compiler.ir import Checks, ListenerIR, RouteIR
-from authplane.compiler.pb import duration, pack
+from authplane.compiler.protos import duration, pack
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
 from authplane.policy.model import Jwt
 

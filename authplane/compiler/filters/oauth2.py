@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 
 from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, enable, http_filter, uri_cluster
 from authplane.compiler.ir import Checks, ListenerIR, RouteIR, specificity
-from authplane.compiler.pb import ads_source, duration
+from authplane.compiler.protos import ads_source, duration
 from authplane.errors import CompileError
 from authplane.policy.model import Jwks, Jwt, JwtProvider, Oidc, RouteMatch, TokenSource
 from authplane.policy.oidc import ResolvedOidc

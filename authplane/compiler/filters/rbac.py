@@ -22,7 +22,7 @@ from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
 
 from authplane.compiler.filters.base import Filter, PerFilterConfig, http_filter
 from authplane.compiler.ir import LEVELS, Checks, ListenerIR
-from authplane.compiler.pb import pack
+from authplane.compiler.protos import pack
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
 from authplane.policy.model import Authorization, Conditions
 

@@ -22,7 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from authplane.authz.rules import RuleTable, compile_table
 from authplane.authz.service import AuthzService
 from authplane.authz.workers import WorkerPool, start_workers
-from authplane.policy.loader import Policies
+from authplane.policy.documents import PolicySet
 
 
 class Revision(Protocol):
@@ -30,7 +30,7 @@ class Revision(Protocol):
     has it; declared here so that the decision service does not import the control plane)."""
 
     @property
-    def policies(self) -> Policies | None: ...
+    def policies(self) -> PolicySet | None: ...
 
     @property
     def rules_version(self) -> str: ...

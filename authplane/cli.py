@@ -140,11 +140,16 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         return _fail("authplane bootstrap: --xds-client-cert and --xds-client-key go together", 2)
     if (args.xds_client_cert or args.xds_server_name) and not args.xds_ca:
         return _fail("authplane bootstrap: --xds-client-cert and --xds-server-name need --xds-ca", 2)
+    xds: list[str] = args.xds or ["127.0.0.1:18000"]
     tls = None
     if args.xds_ca:
-        name = args.xds_server_name or args.xds.rpartition(":")[0].strip("[]")
-        tls = XdsClientTls(args.xds_ca, name, args.xds_client_cert, args.xds_client_key)
-    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, args.xds, args.admin_port, not args.sotw, tls))
+        hosts = {a.rpartition(":")[0].strip("[]") for a in xds}
+        if args.xds_server_name is None and len(hosts) > 1:
+            return _fail("authplane bootstrap: replicas on different hosts need --xds-server-name "
+                         "(the name every replica's certificate carries)", 2)
+        tls = XdsClientTls(args.xds_ca, args.xds_server_name or hosts.pop(), args.xds_client_cert,
+                           args.xds_client_key)
+    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, xds, args.admin_port, not args.sotw, tls))
     return 0
 
 
@@ -279,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="print the Envoy bootstrap of one fleet member")
     p.add_argument("--node-id", required=True, type=_nonempty, metavar="ID", help="node.id: names this Envoy in status")
     p.add_argument("--fleet", required=True, type=_nonempty, metavar="F", help="node.cluster: selects its gateways")
-    p.add_argument("--xds", default="127.0.0.1:18000", type=_address, metavar="HOST:PORT",
-                   help="where authplane serve listens")
+    p.add_argument("--xds", action="append", type=_address, metavar="HOST:PORT",
+                   help="where authplane serve listens (default 127.0.0.1:18000); repeat it for replicas: "
+                   "Envoy holds one ADS stream and reconnects to another when that one fails")
     p.add_argument("--admin-port", type=_port, default=9901, metavar="N",
                    help="Envoy admin port on 127.0.0.1 (0: OS-chosen)")
     protocol = p.add_mutually_exclusive_group()

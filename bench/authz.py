@@ -5,6 +5,9 @@
 Scenarios (wrk, HTTP/1.1 keep-alive, through Envoy unless said otherwise):
   no-auth           the route has no policy
   native            JWT (local JWKS, Envoy's JWT cache) + RBAC allow on a claim
+  native-cel        same, the claim checked by a CEL rule (when.cel, the RBAC policy's condition)
+  any-jwt           satisfy: any (JWT or API key, methodHeader), the request with the JWT
+  any-key           same policy, the request with the API key
   builtin-http      ext_authz HTTP mode (the builtin default), decision cache off
   builtin-http-hit  same, every check answered from the cache
   builtin-grpc      ext_authz gRPC (protocol: grpc), cache off
@@ -77,10 +80,14 @@ RULES = """
 """
 
 
-SCENARIOS = ("no-auth", "native", "builtin-http", "builtin-http-hit", "builtin-grpc", "builtin-grpc-hit",
+SCENARIOS = ("no-auth", "native", "native-cel", "any-jwt", "any-key",
+             "builtin-http", "builtin-http-hit", "builtin-grpc", "builtin-grpc-hit",
              "forward-auth", "check-http", "check-grpc")
-LIGHT = ("no-auth", "native", "builtin-http", "builtin-http-hit", "builtin-grpc", "builtin-grpc-hit")
+LIGHT = ("no-auth", "native", "native-cel", "any-jwt", "any-key",
+         "builtin-http", "builtin-http-hit", "builtin-grpc", "builtin-grpc-hit")
 """Scenarios of the light-load pass, where the added latency (not queueing) shows."""
+BENCH_KEY = "bench-key-0123456789"
+NO_DECISION_SERVICE = ("no-auth", "native", "native-cel", "any-jwt", "any-key")
 
 
 def policies(upstream_port: int, jwks: str) -> dict[str, str]:
@@ -100,6 +107,8 @@ def policies(upstream_port: int, jwks: str) -> dict[str, str]:
           rules:
             - {{name: open, match: {{pathPrefix: /no-auth}}, backend: up}}
             - {{name: native, match: {{pathPrefix: /native}}, backend: up}}
+            - {{name: native-cel, match: {{pathPrefix: /native-cel}}, backend: up}}
+            - {{name: any, match: {{pathPrefix: /any}}, backend: up}}
             - {{name: builtin-http, match: {{pathPrefix: /builtin-http}}, backend: up}}
             - {{name: builtin-http-hit, match: {{pathPrefix: /builtin-http-hit}}, backend: up}}
             - {{name: builtin-grpc, match: {{pathPrefix: /builtin-grpc}}, backend: up}}
@@ -111,6 +120,21 @@ def policies(upstream_port: int, jwks: str) -> dict[str, str]:
           targetRef: {{kind: Route, name: r, rule: native}}
           jwt: {{providers: [{{name: dev, issuer: https://idp.bench, jwks: {{file: jwks.json}}}}]}}
           authorization: {{rules: [{{name: bench, action: allow, when: {{claims: {{groups: [bench]}}}}}}]}}
+        ---
+        kind: AuthPolicy
+        metadata: {{name: native-cel}}
+        spec:
+          targetRef: {{kind: Route, name: r, rule: native-cel}}
+          jwt: {{providers: [{{name: dev, issuer: https://idp.bench, jwks: {{file: jwks.json}}}}]}}
+          authorization: {{rules: [{{name: bench, action: allow, when: {{cel: "'bench' in claims.groups"}}}}]}}
+        ---
+        kind: AuthPolicy
+        metadata: {{name: any}}
+        spec:
+          targetRef: {{kind: Route, name: r, rule: any}}
+          satisfy: {{mode: any, methodHeader: x-auth-method}}
+          jwt: {{providers: [{{name: dev, issuer: https://idp.bench, jwks: {{file: jwks.json}}}}]}}
+          apiKey: {{file: bench.keys}}
         """]
     for protocol in ("http", "grpc"):
         for hit in (False, True):
@@ -123,7 +147,7 @@ def policies(upstream_port: int, jwks: str) -> dict[str, str]:
                 f"    cache: {{allowTtl: {ttl}, denyTtl: {ttl}}}\n"
                 + textwrap.indent(textwrap.dedent(RULES).strip("\n"), "    "))
     return {"bench.yaml": "\n---\n".join(textwrap.dedent(d).strip("\n") for d in docs),
-            "jwks.json": jwks}
+            "jwks.json": jwks, "bench.keys": f"bench: {BENCH_KEY}\n"}
 
 
 def ensure_tools() -> None:
@@ -200,8 +224,11 @@ def scenario(name: str, envoy_port: int, svc: DecisionService, token: str,
     direct = f"http://127.0.0.1:{svc.http_port}"
     if name == "no-auth":
         return wrk(via_envoy, {}, duration, connections)
-    if name == "native":
-        return wrk(via_envoy, {"authorization": f"Bearer {token}"}, duration, connections)
+    if name in ("native", "native-cel", "any-jwt"):
+        return wrk(via_envoy.replace("/any-jwt/", "/any/"), {"authorization": f"Bearer {token}"}, duration,
+                   connections)
+    if name == "any-key":
+        return wrk(f"http://127.0.0.1:{envoy_port}/any/x", {"x-api-key": BENCH_KEY}, duration, connections)
     if name.startswith("builtin-"):
         return wrk(via_envoy, allow, duration, connections)
     if name == "forward-auth":
@@ -248,8 +275,8 @@ def main() -> None:
                     passes.append(("light", args.latency_connections, LIGHT))
                 for kind, connections, names in passes:
                     for name in names:
-                        if name not in only or (workers > 1 and name in ("no-auth", "native")):
-                            continue  # the last two involve no decision service
+                        if name not in only or (workers > 1 and name in NO_DECISION_SERVICE):
+                            continue  # these involve no decision service
                         r = scenario(name, port, svc, token, args.duration, connections)
                         results.append({"scenario": name, "workers": workers, "load": kind,
                                         "connections": connections, **r})

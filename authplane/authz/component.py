@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from authplane.authz.rules import RuleTable, compile_table
 from authplane.authz.service import AuthzService
-from authplane.authz.workers import WorkerPool, start_workers
+from authplane.authz.workers import RestartCollector, WorkerPool, start_workers
 from authplane.policy.documents import PolicySet
 
 
@@ -62,7 +62,8 @@ class InProcess:
 
 
 class Workers:
-    """``n`` decision processes on shared ports (SO_REUSEPORT), fed compiled rule tables."""
+    """``n`` decision processes on shared ports (SO_REUSEPORT), fed compiled rule tables; one that
+    exits is restarted with the current table (``authplane_authz_worker_restarts_total`` counts them)."""
 
     def __init__(self, n: int, grpc_addr: str | None, http_addr: str | None) -> None:
         self.n, self.grpc_addr, self.http_addr = n, grpc_addr, http_addr
@@ -70,6 +71,7 @@ class Workers:
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=self.metrics_dir)
         self.pool: WorkerPool | None = None
+        self.registry.register(RestartCollector(lambda: self.pool.restarts if self.pool is not None else 0))
         self.table: RuleTable | None = None  # the start-up revision's, loaded before the workers start
 
     def on_revision(self, rev: Revision) -> None:

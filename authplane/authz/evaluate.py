@@ -6,6 +6,7 @@ each turn what they receive into a ``Request`` and a ``Decision`` into their own
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from authplane.authz.rules import CompiledPolicy, KeyTable, Matcher, Rule, trim_slash
+import re2
+
+from authplane.authz.rules import CompiledPolicy, KeyTable, Matcher, Rule, Values, trim_slash
 from authplane.contract import IDENTITY_HEADERS
+from authplane.policy.types import re2_options
 
 BROWSER = "text/html"
 
@@ -80,21 +84,72 @@ def api_client(keys: KeyTable, headers: Mapping[str, str]) -> str | None:
     return found
 
 
+_MISSING = object()
+
+
 def _claim(claims: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """The claim at ``path``, ``_MISSING`` when there is none (``null`` is a value)."""
     value: Any = claims
     for part in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
     return value
 
 
-def _claim_matches(value: Any, wanted: frozenset[str]) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _regex(pattern: str) -> Any:
+    return re2.compile(pattern.encode(), re2_options())
+
+
+def _full_match(pattern: str, value: str) -> bool:
+    """RE2 over the bytes Envoy sees (a header undecodable as UTF-8 arrives surrogate-escaped)."""
+    return _regex(pattern).fullmatch(value.encode(errors="surrogateescape")) is not None
+
+
+def _string_matches(value: str, wanted: Values) -> bool:
+    return (value in wanted.exact or value.startswith(wanted.prefixes)
+            or any(_full_match(p, value) for p in wanted.regexes))
+
+
+def _claim_matches(value: Any, wanted: Values) -> bool:
+    """Like Envoy's metadata matchers: ``present`` takes any value; a string claim must match, an
+    array claim must hold a string that does. Exact values also take a number or boolean written
+    as text (``"true"``, ``"42"``)."""
+    if value is _MISSING:
+        return False
+    if wanted.present:
+        return True
     if isinstance(value, list):
-        return any(isinstance(v, str) and v in wanted for v in value)
+        return any(isinstance(v, str) and _string_matches(v, wanted) for v in value)
+    if isinstance(value, str):
+        return _string_matches(value, wanted)
     if isinstance(value, bool):
-        return ("true" if value else "false") in wanted
-    return isinstance(value, str | int | float) and str(value) in wanted
+        return ("true" if value else "false") in wanted.exact
+    return isinstance(value, int | float) and str(value) in wanted.exact
+
+
+def _header_matches(headers: Mapping[str, str], name: str, wanted: Values) -> bool:
+    value = headers.get(name)
+    return value is not None and (wanted.present or _string_matches(value, wanted))
+
+
+def _scopes(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return value.split(" ")
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _has_scopes(claims: dict[str, Any], scopes: tuple[str, ...]) -> bool:
+    """Every scope in the space-delimited string or array ``scope`` or ``scp`` claim."""
+    held = {*_scopes(claims.get("scope")), *_scopes(claims.get("scp"))}
+    return all(s in held for s in scopes)
+
+
+def _path_matches(m: Matcher, path: str) -> bool:
+    folded = path.lower() if m.ignore_case else path
+    return (trim_slash(folded) in m.paths or folded.startswith(m.prefixes)
+            or any(_full_match(p, path) for p in m.path_regexes))
 
 
 def _in_networks(source: str, m: Matcher) -> bool:
@@ -108,12 +163,10 @@ def _in_networks(source: str, m: Matcher) -> bool:
 def matches(m: Matcher, req: Request, client: str | None) -> bool:
     if m.methods and req.method not in m.methods:
         return False
-    if m.paths or m.prefixes:
-        path = req.bare_path.lower() if m.ignore_case else req.bare_path
-        if trim_slash(path) not in m.paths and not path.startswith(m.prefixes):
-            return False
+    if m.checks_path and not _path_matches(m, req.bare_path):
+        return False
     for name, values in m.headers:
-        if req.headers.get(name) not in values:
+        if not _header_matches(req.headers, name, values):
             return False
     if m.networks and not _in_networks(req.source, m):
         return False
@@ -122,13 +175,15 @@ def matches(m: Matcher, req: Request, client: str | None) -> bool:
         return False
     if m.authenticated is not None and m.authenticated != (req.claims is not None or client is not None):
         return False
-    if m.claims:
+    if m.claims or m.scopes:
         if req.claims is None:
             return False
         for path_, values in m.claims:
             if not _claim_matches(_claim(req.claims, path_), values):
                 return False
-    return True
+        if not _has_scopes(req.claims, m.scopes):
+            return False
+    return m.negate is None or not matches(m.negate, req, client)
 
 
 def identity(req: Request, client: str | None) -> tuple[str, str, str]:

@@ -84,6 +84,7 @@ class GrpcFrontend:
             out = self.answer(raw)
         except Exception:  # never crash on input; fail closed
             log.exception("check failed")
+            self.decider.metrics.failed("grpc")
             out = encode(deny("internal error in the decision service", 500))
         self._timer.observe(time.perf_counter() - start)
         return out

@@ -138,6 +138,7 @@ class HttpFrontend:
                                                  "<path> (Envoy) or /authz/<policy> (forward auth)\n")
         except Exception:  # never crash on input; fail closed
             log.exception("check failed")
+            self.decider.metrics.failed("http")
             return _response(deny("internal error in the decision service", 500))
 
     @staticmethod

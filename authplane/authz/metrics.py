@@ -18,6 +18,9 @@ class Metrics:
             ["protocol"], buckets=BUCKETS, registry=self.registry)
         self.cache = Counter("authplane_authz_cache", "Decision cache lookups.", ["result"],
                              registry=self.registry)
+        self.errors = Counter("authplane_authz_errors", "Checks answered with an internal error (500, fail "
+                              "closed), by front-end.", ["protocol"], registry=self.registry)
+        self._errors = {p: self.errors.labels(p) for p in ("grpc", "http")}
         self._hit = self.cache.labels("hit")
         self._miss = self.cache.labels("miss")
         self._children: dict[tuple[str, ...], object] = {}
@@ -28,6 +31,9 @@ class Metrics:
         if child is None:
             child = self._children[key] = self.decisions.labels(*key)
         child.inc()  # type: ignore[attr-defined]
+
+    def failed(self, protocol: str) -> None:
+        self._errors[protocol].inc()
 
     def lookup(self, hit: bool) -> None:
         (self._hit if hit else self._miss).inc()

@@ -14,6 +14,7 @@ from typing import Any
 from authplane.policy.credentials import parse_api_keys
 from authplane.policy.documents import Located, PolicySet, Resolved
 from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt
+from authplane.policy.types import StringMatch
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -23,34 +24,66 @@ def trim_slash(path: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Matcher:
-    """Compiled ``ExtAuthConditions``: all given kinds must match, any value within a kind."""
+class Values:
+    """Compiled values of one header or claim: any of them matches. Regexes are kept as text
+    (compiled once per process by the evaluator: the table is pickled to workers)."""
 
-    claims: tuple[tuple[tuple[str, ...], frozenset[str]], ...] = ()
-    headers: tuple[tuple[str, frozenset[str]], ...] = ()
+    exact: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+    present: bool = False
+
+    @classmethod
+    def build(cls, values: list[StringMatch]) -> Values:
+        return cls(
+            exact=frozenset(v.exact for v in values if v.exact is not None),
+            prefixes=tuple(v.prefix for v in values if v.prefix is not None),
+            regexes=tuple(v.regex for v in values if v.regex is not None),
+            present=any(v.present for v in values))
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """Compiled ``ExtAuthConditions``: all given kinds must match, any value within a kind, every
+    scope, and ``negate`` (the ``not`` conditions) must not match."""
+
+    claims: tuple[tuple[tuple[str, ...], Values], ...] = ()
+    headers: tuple[tuple[str, Values], ...] = ()
     networks: tuple[Network, ...] = ()
     methods: frozenset[str] = frozenset()
     paths: frozenset[str] = frozenset()
     """Exact paths without a trailing slash: ``/x`` (or ``/x/``) matches ``/x`` and ``/x/``, and
     ``/x/*`` adds ``/x`` here and ``/x/`` to ``prefixes``."""
     prefixes: tuple[str, ...] = ()
+    path_regexes: tuple[str, ...] = ()
+    """Matched against the whole path as received (``(?i)``-prefixed when ignoring case)."""
+    scopes: tuple[str, ...] = ()
     api_clients: frozenset[str] | None = None
     authenticated: bool | None = None
     ignore_case: bool = False
     """The gateway's ``pathMatching.caseSensitive: false``: paths are kept lowercase."""
+    negate: Matcher | None = None
+
+    @property
+    def checks_path(self) -> bool:
+        return bool(self.paths or self.prefixes or self.path_regexes)
 
     @classmethod
     def build(cls, when: ExtAuthConditions, ignore_case: bool = False) -> Matcher:
-        paths = [p.lower() if ignore_case else p for p in when.paths]
+        plain = [p.path for p in when.paths if p.path is not None]
+        paths = [p.lower() if ignore_case else p for p in plain]
         return cls(
-            claims=tuple((tuple(k.split(".")), frozenset(v)) for k, v in sorted(when.claims.items())),
-            headers=tuple((k, frozenset(v)) for k, v in sorted(when.headers.items())),
+            claims=tuple((tuple(k.split(".")), Values.build(v)) for k, v in sorted(when.claims.items())),
+            headers=tuple((k, Values.build(v)) for k, v in sorted(when.headers.items())),
             networks=tuple(ipaddress.ip_network(c) for c in when.source_cidrs),
             methods=frozenset(when.methods),
             paths=frozenset(trim_slash(p.removesuffix("*")) for p in paths),
             prefixes=tuple(p[:-1] for p in paths if p.endswith("/*")),
+            path_regexes=tuple(("(?i)" if ignore_case else "") + p.regex for p in when.paths if p.regex),
+            scopes=tuple(sorted(set(when.scopes))),
             api_clients=frozenset(when.api_keys) if when.api_keys else None,
             authenticated=when.authenticated, ignore_case=ignore_case,
+            negate=cls.build(when.not_, ignore_case) if when.not_ is not None else None,
         )
 
 
@@ -153,7 +186,7 @@ def compile_policy(item: Located[AuthPolicy], resolved: Resolved, ignore_case: b
         name=item.name, rules=tuple(_rule(r, ignore_case) for r in ext.rules), keys=keys,
         identity_headers=ext.identity_headers, allow_ttl=ext.cache.allow_ttl,
         deny_ttl=ext.cache.deny_ttl, key_headers=key_headers,
-        uses_source=any(r.when.source_cidrs for r in ext.rules),
+        uses_source=any(c.source_cidrs for r in ext.rules for c in r.when.nested()),
         uses_url=any(r.deny.sign_in for r in ext.rules) or any(src.query for src in sources),
         jwt=jwt, jwks_files=dict(resolved.jwks),
         strip=tuple(h.lower() for h in strip))

@@ -19,7 +19,8 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from authplane.compiler.filters import ORDER, router
+from authplane.compiler import satisfy
+from authplane.compiler.filters import ORDER, auth_method, router
 from authplane.compiler.filters.base import disable
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
 from authplane.compiler.protos import ads_source, duration, pack, socket_address
@@ -99,6 +100,22 @@ def _match(route: RouteIR, case_sensitive: bool) -> rc.RouteMatch:
     return out
 
 
+def _carried(match: rc.RouteMatch, carried: tuple[satisfy.Carried, ...]) -> None:
+    """Add to ``match`` that the request carries these credentials (``satisfy: any`` variants)."""
+    for w in carried:
+        if w.kind == "query":
+            match.query_parameters.append(rc.QueryParameterMatcher(name=w.name, present_match=True))
+        elif w.kind == "cookie":
+            cookie = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
+                regex=f"(.*;)?\\s*{re.escape(w.name)}=.*"))
+            match.headers.append(rc.HeaderMatcher(name="cookie", string_match=cookie))
+        elif w.prefix:
+            match.headers.append(rc.HeaderMatcher(name=w.name, string_match=string_pb2.StringMatcher(
+                prefix=w.prefix, ignore_case=True)))
+        else:
+            match.headers.append(rc.HeaderMatcher(name=w.name, present_match=True))
+
+
 def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route_pb2.RouteConfiguration:
     auth_filters = [f.name for f in filters if f.name != router.FILTER.name()]
     vhost_cfg: dict[str, any_pb2.Any] = {}
@@ -117,14 +134,29 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
                     inline_string="authplane: ambiguous path (a ';' or a segment ending in '.')\n")))
             for f in auth_filters:
                 guard.typed_per_filter_config[f].CopyFrom(disable())
-        for r in vh.routes:
+        for r in (x for route in vh.routes for x in satisfy.expand(lst, route)):
+            v = satisfy.variant_of(r)
+            match = _match(r, lst.case_sensitive)
+            if v is not None:
+                _carried(match, v.carried)
+            if v is not None and v.challenges:
+                # satisfy: any, no credential: 401 with every scheme's challenge, nothing checked.
+                route = vhost.routes.add(name=r.name, match=match, direct_response=rc.DirectResponseAction(
+                    status=401, body=base_pb2.DataSource(inline_string="authplane: credentials required\n")))
+                route.response_headers_to_add.extend(base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="www-authenticate", value=c),
+                    append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD) for c in v.challenges)
+                for f in auth_filters:
+                    route.typed_per_filter_config[f].CopyFrom(disable())
+                continue
             action = rc.RouteAction(cluster=r.cluster)
             if r.timeout is not None:
                 action.timeout.CopyFrom(duration(r.timeout))
-            route = vhost.routes.add(name=r.name, match=_match(r, lst.case_sensitive), route=action)
+            route = vhost.routes.add(name=r.name, match=match, route=action)
             per: dict[str, any_pb2.Any] = {}
             if r.public:
                 per = {f: disable() for f in auth_filters}
+                per.update(auth_method.public_config(lst))
             else:
                 for filt in ORDER:
                     per.update(filt.route_config(lst, r))

@@ -1,15 +1,20 @@
-"""The admin HTTP endpoint (``/status``, ``/metrics``, ``/healthz``, ``/readyz``) and ``authplane status``.
+"""The admin HTTP endpoint (``/`` the status page, ``/status``, ``/metrics``, ``/healthz``, ``/readyz``)
+and ``authplane status``.
 
 ``/healthz`` is liveness (the process answers); ``/readyz`` is 503 until a valid policy revision
 is served (``serve --allow-empty`` on a broken directory), 200 from then on."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.resources import files
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +25,20 @@ from authplane.addresses import split_address
 log = logging.getLogger("authplane.admin")
 
 StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+DECISIONS = "authplane_authz_decisions"
+"""The decision service's counter (``authz/metrics.py``), summed per policy for ``/status``."""
+
+
+def _page() -> tuple[bytes, str]:
+    """The status page (one file, no external assets) and its Content-Security-Policy: only its
+    own inline script (by hash) runs, and it can only fetch from this origin."""
+    html = files("authplane.controlplane").joinpath("status.html").read_text(encoding="utf-8")
+    scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+                      for s in scripts)
+    csp = (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+           "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html.encode(), csp
 
 
 def printable(text: str) -> str:
@@ -46,6 +65,8 @@ class AdminServer:
     async def start(self) -> None:
         host, port = split_address(self.requested)
         app = web.Application()
+        self._page, self._csp = _page()
+        app.router.add_get("/", self._get_page)
         app.router.add_get("/status", self._get_status)
         app.router.add_get("/metrics", self._get_metrics)
         app.router.add_get("/healthz", self._get_healthz)
@@ -60,15 +81,38 @@ class AdminServer:
         bound = runner.addresses[0]
         self.address = f"{host}:{bound[1]}"
         self._runner = runner
-        log.info("admin (/status, /metrics, /healthz, /readyz) on http://%s", self.address)
+        log.info("admin (/ status page, /status, /metrics, /healthz, /readyz) on http://%s", self.address)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
+    async def _get_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8", headers={
+            "Content-Security-Policy": self._csp, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
     async def _get_status(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._status(), dumps=lambda d: json.dumps(d, indent=2) + "\n")
+        doc = {**await self._status(), "decisions": self.decisions()}
+        return web.json_response(doc, dumps=lambda d: json.dumps(d, indent=2) + "\n",
+                                 headers={"Cache-Control": "no-store"})
+
+    def decisions(self) -> dict[str, dict[str, float]]:
+        """Decisions so far per policy and result (``{"app": {"allow": 3, "deny": 1}}``), summed
+        over rules, from whichever registry holds the decision service's counter: its own
+        in-process, the workers' multiprocess collector otherwise. Rates are differences of these."""
+        totals: dict[str, dict[str, float]] = {}
+        for registry in self.registries:
+            for metric in registry.collect():
+                if metric.name != DECISIONS:
+                    continue
+                for sample in metric.samples:
+                    if sample.name == f"{DECISIONS}_total":
+                        per = totals.setdefault(sample.labels.get("policy", ""), {"allow": 0.0, "deny": 0.0})
+                        result = sample.labels.get("result", "")
+                        per[result] = per.get(result, 0.0) + sample.value
+        return dict(sorted(totals.items()))
 
     async def _get_metrics(self, request: web.Request) -> web.Response:
         body = b"".join(generate_latest(r) for r in self.registries)

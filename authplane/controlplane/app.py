@@ -147,6 +147,7 @@ class ControlPlane:
             "last_reload_error": None if error is None else {
                 "at": iso(error.at), "problems": error.lines(),
                 "entries": [vars(p) for p in error.problems]},
+            "reload_history": self.store.history_status(),
             "fleets": {f: {"version": s.version, "resources": {SECTION[t]: len(s.resources[t]) for t in SECTION}}
                        for f, s in rev.snapshots.items()},
             "nodes": self.tracker.status(),

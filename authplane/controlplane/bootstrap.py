@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
@@ -60,9 +61,20 @@ def upstream_tls(tls: XdsClientTls) -> tls_pb2.UpstreamTlsContext:
     return ctx
 
 
-def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port: int = 9901,
+def xds_addresses(xds: str | Sequence[str]) -> tuple[str, ...]:
+    """One address or several: the replicas of one control plane, all on the same policies."""
+    found = (xds,) if isinstance(xds, str) else tuple(xds)
+    if not found:
+        raise ValueError("at least one xDS address is needed")
+    return found
+
+
+def bootstrap(node_id: str, fleet: str, xds: str | Sequence[str] = "127.0.0.1:18000", admin_port: int = 9901,
               delta: bool = True, tls: XdsClientTls | None = None) -> bootstrap_pb2.Bootstrap:
-    host, port = split_address(xds)
+    """``xds``: one authplane address, or the replicas'. They all become endpoints of the one xDS
+    cluster: ADS holds a single stream, and when it breaks the reconnect is load-balanced (round
+    robin) to the next endpoint, so an Envoy moves to a live replica within a back-off or two."""
+    endpoints = tuple(split_address(a) for a in xds_addresses(xds))
     boot = bootstrap_pb2.Bootstrap()
     boot.node.id = node_id
     boot.node.cluster = fleet
@@ -81,7 +93,7 @@ def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port
     boot.dynamic_resources.lds_config.CopyFrom(ads_source())
 
     # an IP is a STATIC cluster, a hostname (a compose service name ...) is resolved by Envoy
-    xds_cluster = cluster(ClusterIR(XDS_CLUSTER, ((host, port),), http2=True, connect_timeout=1.0,
+    xds_cluster = cluster(ClusterIR(XDS_CLUSTER, endpoints, http2=True, connect_timeout=1.0,
                                     tls=False, sni=None, origin=None), eds=False)
     keepalive = xds_cluster.upstream_connection_options.tcp_keepalive  # notice a vanished control plane
     keepalive.keepalive_time.value, keepalive.keepalive_interval.value, keepalive.keepalive_probes.value = 30, 5, 3
@@ -97,9 +109,10 @@ def bootstrap(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port
     return boot
 
 
-def bootstrap_yaml(node_id: str, fleet: str, xds: str = "127.0.0.1:18000", admin_port: int = 9901,
+def bootstrap_yaml(node_id: str, fleet: str, xds: str | Sequence[str] = "127.0.0.1:18000", admin_port: int = 9901,
                    delta: bool = True, tls: XdsClientTls | None = None) -> str:
-    command = shlex.join(["authplane", "bootstrap", "--node-id", node_id, "--fleet", fleet, "--xds", xds,
+    command = shlex.join(["authplane", "bootstrap", "--node-id", node_id, "--fleet", fleet,
+                          *(f for a in xds_addresses(xds) for f in ("--xds", a)),
                           "--admin-port", str(admin_port), "--delta" if delta else "--sotw",
                           *(tls.flags() if tls is not None else ())])
     channel = "" if tls is None else " (mutual TLS)" if tls.cert else " (TLS)"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from authplane.compiler.render import SECTION
 from authplane.errors import Problem
@@ -19,6 +23,31 @@ def type_label(type_url: str) -> str:
 def type_name(type_url: str) -> str:
     """As ``type_label``, but other types by message name: for status (bounded per stream)."""
     return SECTION.get(type_url) or type_url.rpartition("/")[2] or "none"
+
+
+NodeCounts = Callable[[], dict[tuple[str, str], int]]
+
+
+class NodeStates(Collector):
+    """``authplane_xds_nodes``: Envoys by fleet and state, counted when scraped (the states of
+    ``/status``), so that an alert can see nodes out of sync."""
+
+    def __init__(self, count: NodeCounts) -> None:
+        self.count = count
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("authplane_xds_nodes", "Envoys this process knows, by fleet (empty: a fleet no "
+                                 "Gateway names) and state (in sync, updating, rejected, waiting, disconnected)",
+                                 labels=["fleet", "state"])
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()  # without calling count: registering must not read the nodes
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for (fleet, state), n in sorted(self.count().items()):
+            family.add_metric([fleet, state], n)
+        yield family
 
 
 class Metrics:
@@ -49,6 +78,9 @@ class Metrics:
             self.reloads.labels(result)
         for reason in ("fleet", "limit"):
             self.refused.labels(reason)
+
+    def count_nodes(self, count: NodeCounts) -> None:
+        self.registry.register(NodeStates(count))
 
     def fleets(self, versions: dict[str, str], git: str | None) -> None:
         self.snapshot.clear()

@@ -15,8 +15,10 @@ import os
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from authplane.compiler.ir import CompileOptions
@@ -31,6 +33,8 @@ log = logging.getLogger("authplane.reload")
 T = TypeVar("T")
 MAX_LOGGED_WARNINGS = 20
 """New warnings logged per reload; a large repository can have thousands."""
+MAX_RELOAD_HISTORY = 50
+"""Reloads kept for ``/status`` (``reload_history``) and the status page, oldest forgotten first."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,31 @@ class ReloadError:
 
     def lines(self) -> list[str]:
         return [str(p) for p in self.problems] or [self.message]
+
+
+@dataclass(frozen=True)
+class ReloadRecord:
+    """One load of the directory as the status page lists it."""
+
+    at: float
+    outcome: str
+    """``changed``, ``unchanged`` or ``rejected`` (the versions served did not change)."""
+    versions: dict[str, str]
+    """The versions served after it, per fleet."""
+    seconds: float | None
+    """From the start of the load to the push (None: not measured, the start-up load of
+    ``serve --allow-empty``)."""
+    git: str | None
+    """The commit of what is served after it."""
+    error: str = ""
+    """The first problem of a rejected change (all of them are in ``last_reload_error``)."""
+    problems: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
+                "outcome": self.outcome, "versions": dict(self.versions),
+                "seconds": None if self.seconds is None else round(self.seconds, 4),
+                "git": self.git, "error": self.error, "problems": self.problems}
 
 
 def git_version(directory: str) -> str | None:
@@ -150,6 +179,7 @@ class PolicyStore:
         self.git: str | None = None
         self.last_error: ReloadError | None = None
         self.reloads = 0
+        self.history: deque[ReloadRecord] = deque(maxlen=MAX_RELOAD_HISTORY)
         self._publish = publish
         self._hooks: list[RevisionHook] = []
         self._lock: asyncio.Lock | None = None
@@ -166,8 +196,10 @@ class PolicyStore:
 
     def load(self) -> None:
         """The start-up load: raises PolicyError/CompileError, there is no last good revision."""
-        self._apply(build(self.directory, self.options, self.current, self.max_file_size))
+        started = time.perf_counter()
+        self._apply(build(self.directory, self.options, self.current, self.max_file_size), started)
         self._git_known(git_version(self.directory))
+        self._stamp_git()
         if self.git:
             log.info("policy directory %s is at git %s", self.directory, self.git)
 
@@ -182,23 +214,25 @@ class PolicyStore:
         async with self._lock:
             if self._stopping:
                 return False
+            started = time.perf_counter()
             try:
                 self._building, self._thread = in_daemon_thread(
                     build, self.directory, self.options, self.current, self.max_file_size)
-                self._apply(await self._building)
+                self._apply(await self._building, started)
             except ReloadAbandoned:
                 log.info("reload abandoned: stopping")
                 return False
             except (PolicyError, CompileError) as e:
-                self._failed(e)
+                self._failed(e, started)
                 return False
             except Exception as e:  # a bug in a hook or the compiler: keep serving, say so
                 log.exception("reload failed")
-                self._failed(e)
+                self._failed(e, started)
                 return False
             finally:
                 self._building = None
             await self.refresh_git(force=True)  # after the push: not on the save → Envoy path
+            self._stamp_git()
             return True
 
     def abandon(self) -> None:
@@ -225,7 +259,16 @@ class PolicyStore:
         self.git = git
         self.metrics.fleets(self.current.versions(), git)
 
-    def _apply(self, rev: Revision) -> None:
+    def _stamp_git(self) -> None:
+        """The last reload's record gets the SHA looked up after its push."""
+        if self.history and self.history[-1].outcome != "rejected":
+            self.history[-1] = replace(self.history[-1], git=self.git)
+
+    def history_status(self) -> list[dict[str, Any]]:
+        """Recent reloads, most recent first (``/status`` ``reload_history``)."""
+        return [r.as_dict() for r in reversed(self.history)]
+
+    def _apply(self, rev: Revision, started: float | None = None) -> None:
         for hook in self._hooks:
             hook(rev)
         before = self.current.versions()
@@ -233,6 +276,9 @@ class PolicyStore:
         self.current, self.last_error = rev, None
         self.reloads += 1
         after = rev.versions()
+        seconds = rev.compile_seconds if started is None else time.perf_counter() - started
+        self.history.append(ReloadRecord(time.time(), "changed" if after != before or self.reloads == 1
+                                         else "unchanged", after, seconds, self.git))
         self.metrics.compile_seconds.observe(rev.compile_seconds)
         self.metrics.reload_applied(after != before)
         self.metrics.fleets(after, self.git)
@@ -245,7 +291,7 @@ class PolicyStore:
         log.info("policies loaded in %.0f ms: fleets %s%s", rev.compile_seconds * 1000, fleets,
                  f"; fleets removed: {gone}" if gone else "")
 
-    def _failed(self, error: Exception) -> None:
+    def _failed(self, error: Exception, started: float | None = None) -> None:
         if isinstance(error, PolicyError):
             failure = ReloadError(tuple(error.problems))
         elif isinstance(error, CompileError):
@@ -253,6 +299,10 @@ class PolicyStore:
         else:
             failure = ReloadError((), f"internal error: {error!r}")
         self.last_error = failure
+        lines = failure.lines()
+        self.history.append(ReloadRecord(failure.at, "rejected", self.current.versions(),
+                                         None if started is None else time.perf_counter() - started, self.git,
+                                         lines[0] if lines else "", len(failure.problems)))
         self.metrics.reload_failed(list(failure.problems))
         serving = ", ".join(f"{f} {v}" for f, v in self.current.versions().items()) or "nothing"
         log.error("policy change rejected, still serving %s:\n  %s", serving, "\n  ".join(failure.lines()))

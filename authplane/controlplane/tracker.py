@@ -78,6 +78,7 @@ class Tracker(Callbacks):
         self.metrics = metrics
         self.nodes: dict[str, Node] = {}
         self.refusals: dict[tuple[str, str, str], Refusal] = {}
+        metrics.count_nodes(self.state_counts)
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -158,16 +159,32 @@ class Tracker(Callbacks):
 
     # -- status ----------------------------------------------------------------------------
 
-    def node_status(self, node_id: str, node: Node) -> dict[str, Any]:
+    def _state(self, node: Node) -> tuple[str, str | None]:
+        """(state, current version) of a node, as ``/status`` and ``authplane_xds_nodes`` show it."""
         stream = node.stream
         ready = self.cache.ready
         current = self.cache.get(stream.fleet).version if ready else None
+        types = [stream.types[t] for t in stream.ordered_types()]
+        synced = ready and bool(types) and all(ts.in_sync(current or "") for ts in types)
+        rejected = any(ts.rejection is not None for ts in types)
+        state = ("disconnected" if not node.connected else "waiting" if not ready else "rejected" if rejected else
+                 "in sync" if synced else "updating")
+        return state, current
+
+    def state_counts(self) -> dict[tuple[str, str], int]:
+        """Nodes by (fleet, state); a fleet no Gateway names counts as "" (clients cannot add series)."""
+        counts: dict[tuple[str, str], int] = {}
+        for node in self.nodes.values():
+            fleet = node.stream.fleet if self.cache.known(node.stream.fleet) else ""
+            key = (fleet, self._state(node)[0])
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def node_status(self, node_id: str, node: Node) -> dict[str, Any]:
+        stream = node.stream
         types = {t: stream.types[t] for t in stream.ordered_types()}
         connected = node.connected
-        synced = ready and bool(types) and all(ts.in_sync(current or "") for ts in types.values())
-        rejected = any(ts.rejection is not None for ts in types.values())
-        state = ("disconnected" if not connected else "waiting" if not ready else "rejected" if rejected else
-                 "in sync" if synced else "updating")
+        state, current = self._state(node)
         rej = node.last_rejection
         active = rej is not None and connected and any(ts.rejection is rej for ts in types.values())
         return {

@@ -5,9 +5,16 @@ Field names are camelCase in YAML (the contract) and snake_case in Python.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from authplane.contract import API_VERSION, IDENTITY_HEADERS
@@ -20,10 +27,13 @@ from authplane.policy.types import (
     IPAddress,
     Method,
     Name,
+    PathMatch,
     PathPattern,
     Port,
     Regex,
+    Scope,
     Status,
+    StringMatch,
 )
 
 
@@ -241,21 +251,55 @@ class Jwt(Model):
 class Conditions(Model):
     """All given kinds must match; within one kind, any listed value matches."""
 
-    claims: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
-    """Verified JWT claims (dotted paths for nested claims); string claims must equal a value,
-    array claims must contain one."""
-    headers: dict[HeaderName, Annotated[list[str], Field(min_length=1)]] = {}
-    """Request headers, exact values."""
+    claims: dict[str, Annotated[list[StringMatch], Field(min_length=1)]] = {}
+    """Verified JWT claims (dotted paths for nested claims): a string claim must match a value,
+    an array claim must contain a string that does. Values are exact strings, ``{prefix: ...}``,
+    ``{regex: ...}`` or ``{present: true}``."""
+    headers: dict[HeaderName, Annotated[list[StringMatch], Field(min_length=1)]] = {}
+    """Request headers: exact values, ``{prefix: ...}``, ``{regex: ...}`` or ``{present: true}``."""
     source_cidrs: Annotated[list[CIDR], Field(alias="sourceCIDRs")] = []
     """Client address ranges (the client address as the gateway's xffNumTrustedHops defines it)."""
     methods: list[Method] = []
     """HTTP methods."""
-    paths: list[PathPattern] = []
-    """Exact paths (``/x`` matches ``/x`` and ``/x/``), or prefixes written ``/x/*`` (``/x``, ``/x/``
-    and everything below), matched on the normalised path (see concepts: Path matching)."""
+    paths: list[PathMatch] = []
+    """Exact paths (``/x`` matches ``/x`` and ``/x/``), prefixes written ``/x/*`` (``/x``, ``/x/``
+    and everything below), or ``{regex: ...}``, matched on the normalised path (see concepts:
+    Path matching)."""
+    scopes: list[Scope] = []
+    """OAuth scopes the verified JWT must all carry, in its ``scope`` or ``scp`` claim (a
+    space-delimited string or an array of strings)."""
+    not_: Annotated[Conditions | None, Field(alias="not")] = None
+    """Conditions that must not match (all of its kinds together), e.g.
+    ``not: {headers: {x-internal: [{present: true}]}}``."""
+
+    cel: Annotated[str, Field(min_length=1)] | None = None
+    """A CEL expression that must be true (authorization rules only), over Envoy's attributes
+    (``request.path``, ``request.method``, ``request.headers['x']``, ``source.address``,
+    ``connection.mtls`` ...) and ``claims``, the verified JWT payload (``claims.groups``). Parsed
+    and type-checked at load; Envoy evaluates it natively. An evaluation error (a missing header or
+    claim) makes the rule not match, except a deny rule under ``default: deny``, where it denies:
+    test presence with ``'x' in request.headers`` or ``has(claims.x)``."""
+
+    @field_validator("not_")
+    @classmethod
+    def _not_empty(cls, value: Conditions | None) -> Conditions | None:
+        if value is not None and value.is_empty():
+            raise ValueError("not needs a condition (an empty one matches every request, so the rule never would)")
+        return value
 
     def is_empty(self) -> bool:
-        return not (self.claims or self.headers or self.source_cidrs or self.methods or self.paths)
+        return not (self.claims or self.headers or self.source_cidrs or self.methods or self.paths
+                    or self.scopes or self.not_ or self.cel is not None)
+
+    def nested(self) -> Iterator[Conditions]:
+        """These conditions and those under ``not``, outermost first."""
+        yield self
+        if self.not_ is not None:
+            yield from self.not_.nested()
+
+    def uses_jwt(self) -> bool:
+        """Reads the verified JWT (claims or scopes), here or under ``not``."""
+        return any(c.claims or c.scopes for c in self.nested())
 
 
 class AuthorizationRule(Model):
@@ -444,17 +488,25 @@ class ApiKeys(Model):
 
 
 class ExtAuthConditions(Conditions):
-    """All given kinds must match; within one kind, any listed value matches. ``claims`` are the
-    claims of the JWT verified by Envoy (or, on the forward-auth endpoint, by the decision service
-    with this policy's ``jwt`` providers)."""
+    """All given kinds must match; within one kind, any listed value matches. ``claims`` and
+    ``scopes`` read the JWT verified by Envoy (or, on the forward-auth endpoint, by the decision
+    service with this policy's ``jwt`` providers)."""
 
     api_keys: list[str] = []
     """A valid API key (see ``extAuth.apiKeys``) of one of these clients; ``"*"``: any client."""
     authenticated: bool | None = None
     """true: the request carries a verified JWT or a valid API key; false: it carries neither."""
+    not_: Annotated[ExtAuthConditions | None, Field(alias="not")] = None
+    """Conditions that must not match (all of its kinds together), e.g.
+    ``not: {headers: {x-internal: [{present: true}]}}``."""
 
     def is_empty(self) -> bool:
         return super().is_empty() and not self.api_keys and self.authenticated is None
+
+    def nested(self) -> Iterator[ExtAuthConditions]:
+        yield self
+        if self.not_ is not None:
+            yield from self.not_.nested()
 
 
 class DenyResponse(Model):
@@ -534,7 +586,7 @@ class ExtAuth(Model):
 
     def read_headers(self) -> list[str]:
         """Request headers the builtin rules read (what Envoy must send in HTTP mode)."""
-        names = {"accept"} | {h for r in self.rules or [] for h in r.when.headers}
+        names = {"accept"} | {h for r in self.rules or [] for c in r.when.nested() for h in c.headers}
         if self.api_keys:
             names.add(self.api_keys.header)
         return sorted(names)
@@ -551,6 +603,28 @@ class ExtAuth(Model):
     def response_headers(self) -> list[str]:
         """Headers the builtin service may add to the client's response on allow."""
         return sorted({h for r in self.rules or [] for h in r.response_headers})
+
+
+class Satisfy(Model):
+    """How the credential checks of a policy (``jwt``, ``apiKey``, ``basicAuth``) combine. Written
+    ``satisfy: any`` or ``satisfy: {mode: any, methodHeader: x-auth-method}``."""
+
+    mode: Literal["all", "any"] = "all"
+    """``all``: each credential check must pass. ``any``: one valid credential among them is
+    enough (browsers with a JWT, bots with an API key on one route); a request with none gets 401
+    with a ``WWW-Authenticate`` challenge for each scheme, and every credential a request presents
+    is verified: a wrong one is 401 even next to a valid one. The other checks (``authorization``,
+    ``extAuth``) and the other level's policy still apply."""
+    method_header: HeaderName | None = None
+    """With ``mode: any``: send upstream, in this header, the method that satisfied the policy
+    (``jwt``, ``apiKey``, ``basicAuth``; ``apiKey,basicAuth`` for a request with both). A JWT sent
+    next to a key or Basic credentials is verified too but not named. Any copy sent by the client
+    is replaced before the authorization rules, which can match it (``when.headers``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        return {"mode": data} if isinstance(data, str) else data
 
 
 class AuthPolicySpec(Model):
@@ -570,6 +644,9 @@ class AuthPolicySpec(Model):
     """Browser sign-in (OpenID Connect); a session is required unless a path passes through."""
     ext_auth: ExtAuth | None = None
     """External authorization (authplane's decision service or your own)."""
+    satisfy: Satisfy = Satisfy()
+    """``all`` (default) or ``any``: whether every credential check (``jwt``, ``apiKey``,
+    ``basicAuth``) must pass, or one valid credential among them is enough (see ``Satisfy``)."""
 
 
 # --- documents ---------------------------------------------------------------------------------

@@ -139,11 +139,13 @@ def _ext_keys(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> str
         return None
     p.files[path] = text
     for i, rule in enumerate(ext.rules or []):
-        unknown = sorted(set(rule.when.api_keys) - {"*"} - clients)
-        if unknown:
-            out.append(pol.source.problem(("spec", "extAuth", "rules", i, "when", "apiKeys"),
-                                          f"no client {unknown[0]!r} in the API key file "
-                                          f"{ext.api_keys.file!r}"))
+        where = ("spec", "extAuth", "rules", i, "when")
+        for when in rule.when.nested():  # the rule's own conditions, then each `not` inside
+            unknown = sorted(set(when.api_keys) - {"*"} - clients)
+            if unknown:
+                out.append(pol.source.problem((*where, "apiKeys"), f"no client {unknown[0]!r} in the API "
+                                                                   f"key file {ext.api_keys.file!r}"))
+            where = (*where, "not")
     return text
 
 

@@ -1,12 +1,25 @@
-"""Constrained scalar types shared by the policy model (durations, ports, CIDRs, regexes ...)."""
+"""Constrained scalar types shared by the policy model (durations, ports, CIDRs, regexes ...), and
+the value matches of conditions (``StringMatch``, ``PathMatch``)."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
+import re2
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -49,14 +62,28 @@ def _ip(value: str) -> str:
         raise ValueError(f"invalid IP address {value!r}") from None
 
 
+def re2_options() -> Any:
+    """RE2's default options (those Envoy uses), without RE2 logging parse errors to stderr."""
+    options = re2.Options()
+    options.log_errors = False
+    return options
+
+
 def _regex(value: str) -> str:
+    """RE2 (Envoy's engine) decides; a refusal is explained by Python's ``re`` when it has words
+    for it (lookaround, an unbalanced parenthesis ...), else by RE2."""
+    try:
+        re2.compile(value, re2_options())
+        return value
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
     if _RE2_UNSUPPORTED.search(value):
         raise ValueError(f"invalid regex {value!r}: lookaround and backreferences are not supported by RE2")
     try:
         re.compile(value)
     except re.error as e:
         raise ValueError(f"invalid regex {value!r}: {e}") from None
-    return value
+    raise ValueError(f"invalid regex {value!r}: {reason}")
 
 
 def _header(value: str) -> str:
@@ -114,3 +141,96 @@ Endpoint = Annotated[str, AfterValidator(_endpoint), WithJsonSchema({"type": "st
 PathPattern = Annotated[str, AfterValidator(_path), WithJsonSchema(
     {"type": "string", "pattern": "^/", "description": "An exact path, or a prefix ending in /*."})]
 Method = Annotated[str, Field(pattern=r"^(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS|CONNECT|TRACE)$")]
+
+
+# --- value matches (conditions) -----------------------------------------------------------------
+
+
+class _Match(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Any:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {', '.join(type(self).model_fields)}")
+        return self
+
+    @field_validator("prefix", "regex", check_fields=False)
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value == "":
+            raise ValueError("must not be empty")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A plain value dumps as the string it was written as (render, IR goldens)."""
+        plain = getattr(self, self._plain)
+        return plain if plain is not None else handler(self)
+
+    _plain: ClassVar[str] = ""
+
+
+class StringMatch(_Match):
+    """A header or claim value: a plain string is an exact value; or a mapping with one of
+    ``prefix``, ``regex``, ``present``."""
+
+    exact: str | None = None
+    """The whole value (what a plain string means)."""
+    prefix: str | None = None
+    """The value starts with this."""
+    regex: Regex | None = None
+    """RE2 regular expression matched against the whole value."""
+    present: bool | None = None
+    """``true``: present, whatever its value (a claim: any JSON value, ``null`` included). For
+    absent, put ``{present: true}`` under ``not``."""
+
+    @field_validator("present")
+    @classmethod
+    def _only_true(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("only present: true exists; for an absent value put {present: true} under not")
+        return value
+
+    _plain: ClassVar[str] = "exact"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"exact": data}
+        if not isinstance(data, dict | StringMatch):
+            raise ValueError("expected a string or a mapping with one of prefix, regex, present")
+        return data
+
+
+class PathMatch(_Match):
+    """A path: a plain string is an exact path (``/x`` matches ``/x`` and ``/x/``) or a prefix
+    written ``/x/*`` (``/x``, ``/x/`` and everything below); or a mapping with ``regex``."""
+
+    path: PathPattern | None = None
+    """The exact path or ``/prefix/*`` (what a plain string means)."""
+    regex: Regex | None = None
+    """RE2 regular expression matched against the whole normalised path (without the query)."""
+
+    _plain: ClassVar[str] = "path"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"path": _path(data)}  # a bad path is reported at the string itself
+        if not isinstance(data, dict | PathMatch):
+            raise ValueError("expected a path or a mapping with regex")
+        return data
+
+
+Scope = Annotated[str, Field(pattern=r"^[!#-\[\]-~]+$")]
+"""An OAuth scope token (RFC 6749 section 3.3)."""
+
+
+def scope_regex(scope: str) -> str:
+    """RE2 regex matching a whole space-delimited ``scope`` claim that holds ``scope`` (Envoy's
+    string regexes match the whole value; ``(?s)``: a newline is just another character)."""
+    return f"(?s)(.* )?{re.escape(scope)}( .*)?"

@@ -12,8 +12,9 @@ from pydantic.alias_generators import to_camel, to_snake
 
 from authplane.contract import RESERVED_HEADERS
 from authplane.errors import Problem
+from authplane.policy import cel
 from authplane.policy.documents import Located, PolicySet, Source
-from authplane.policy.model import AuthPolicy, ExtAuthRule, Route, TargetRef
+from authplane.policy.model import AuthorizationRule, AuthPolicy, ExtAuthRule, Route, TargetRef
 
 CHECKS = ("jwt", "oidc", "authorization", "basicAuth", "apiKey", "extAuth")
 """The check sections of an AuthPolicy, as written in YAML."""
@@ -121,15 +122,17 @@ def _policies(p: PolicySet, out: list[Problem]) -> None:
             _names(pol, ("spec", "authorization", "rules"), spec.authorization.rules, out)
             route = p.routes.get(ref.name) if ref.kind == "Route" else None
             gateway_jwt = route is not None and route.resource.spec.gateway in gateways_with_jwt
-            if any(r.when.claims for r in spec.authorization.rules) and not (spec.jwt or spec.oidc or gateway_jwt):
+            if any(r.when.uses_jwt() for r in spec.authorization.rules) and not (spec.jwt or spec.oidc or gateway_jwt):
                 out.append(src.problem(("spec", "authorization"),
-                                       "claims conditions need a jwt or oidc section in this policy or on the "
-                                       "gateway"))
+                                       f"{_jwt_kinds(spec.authorization.rules)} conditions need a jwt or oidc "
+                                       "section in this policy or on the gateway"))
         if spec.oidc and spec.jwt:
             out.append(src.problem(("spec", "oidc"), "oidc checks the ID token itself; put bearer-token (jwt) "
                                                      "checks in another policy"))
         if spec.ext_auth:
             _ext_auth(p, pol, out)
+        _satisfy(pol, out)
+        out.extend(cel.problems(pol))
     for route_name, pols in by_route.items():
         whole = [x for x in pols if x.resource.spec.target_ref.rule is None]
         parts = [x for x in pols if x.resource.spec.target_ref.rule is not None]
@@ -165,6 +168,41 @@ def _names(pol: Located[AuthPolicy], path: tuple[str, ...], things: list[Any], o
         if thing.name in seen:
             out.append(pol.source.problem((*path, i, "name"), f"duplicate name {thing.name!r}"))
         seen.add(thing.name)
+
+
+CREDENTIALS = ("jwt", "apiKey", "basicAuth")
+"""The checks ``satisfy: any`` chooses among."""
+
+
+def _satisfy(pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    """``satisfy: any`` needs two credential checks whose credentials a request carries in
+    different places (the compiler tells them apart by where they are)."""
+    spec = pol.resource.spec
+    where = ("spec", "satisfy")
+    if spec.satisfy.mode == "all":
+        if spec.satisfy.method_header is not None:
+            out.append(pol.source.problem(where, "methodHeader needs mode: any"))
+        return
+    given = [c for c in CREDENTIALS if getattr(spec, to_snake(c)) is not None]
+    if len(given) < 2:
+        out.append(pol.source.problem(where, f"satisfy: any needs at least two of {', '.join(CREDENTIALS)} "
+                                             f"(this policy has {', '.join(given) or 'none'})"))
+    if spec.oidc is not None:
+        out.append(pol.source.problem(where, "satisfy: any cannot be combined with oidc (sign-in sessions)"))
+    if spec.jwt is not None and not spec.jwt.required:
+        out.append(pol.source.problem(("spec", "jwt", "required"),
+                                      "with satisfy: any a JWT is one of the accepted credentials; "
+                                      "required: false would let every request by"))
+    if spec.api_key is not None:
+        kind, name = spec.api_key.source
+        jwt_sources = {("header", s.header) if s.header else ("query", s.query) if s.query else ("cookie", s.cookie)
+                       for p in (spec.jwt.providers if spec.jwt else []) for s in p.from_}
+        if spec.jwt is not None and any(not p.from_ for p in spec.jwt.providers):
+            jwt_sources |= {("header", "authorization"), ("query", "access_token")}
+        if (kind, name) == ("header", "authorization") or (kind, name) in jwt_sources:
+            out.append(pol.source.problem(("spec", "apiKey"),
+                                          f"with satisfy: any the API key needs a {kind} of its own "
+                                          f"({name!r} also carries another credential)"))
 
 
 def _jwt(pol: Located[AuthPolicy], out: list[Problem]) -> None:
@@ -203,29 +241,36 @@ def _ext_auth(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Non
 _NATIVE_DENY = ExtAuthRule.model_fields["deny"].default
 
 
+def _jwt_kinds(rules: list[AuthorizationRule] | list[ExtAuthRule]) -> str:
+    """``claims`` or ``scopes``: what the rules read from the JWT, for a message."""
+    return "claims" if any(c.claims for r in rules for c in r.when.nested()) else "scopes"
+
+
 def _builtin_rules(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> None:
     ext = pol.resource.spec.ext_auth
     assert ext is not None and ext.rules is not None
     where = ("spec", "extAuth", "rules")
     for i, rule in enumerate(ext.rules):
-        for header in rule.when.headers:
-            if header in RESERVED_HEADERS:
-                out.append(pol.source.problem((*where, i, "when", "headers"),
-                                              f"{header} is set by Envoy for the decision service; "
-                                              "use sourceCIDRs or claims"))
-        if rule.when.api_keys and ext.api_keys is None:  # the clients are checked by resolve.py
-            out.append(pol.source.problem((*where, i, "when", "apiKeys"),
-                                          "apiKeys conditions need extAuth.apiKeys (the key file)"))
-    if any(r.when.claims for r in ext.rules) and not pol.resource.spec.jwt:
+        for depth, when in enumerate(rule.when.nested()):
+            at = (*where, i, "when", *("not",) * depth)
+            for header in when.headers:
+                if header in RESERVED_HEADERS:
+                    out.append(pol.source.problem((*at, "headers"),
+                                                  f"{header} is set by Envoy for the decision service; "
+                                                  "use sourceCIDRs or claims"))
+            if when.api_keys and ext.api_keys is None:  # the clients are checked by resolve.py
+                out.append(pol.source.problem((*at, "apiKeys"),
+                                              "apiKeys conditions need extAuth.apiKeys (the key file)"))
+    if any(r.when.uses_jwt() for r in ext.rules) and not pol.resource.spec.jwt:
         ref = pol.resource.spec.target_ref
         route = p.routes.get(ref.name) if ref.kind == "Route" else None
         gateway = TargetRef(kind="Gateway", name=route.resource.spec.gateway) if route else None
         if gateway is None or not any(
                 x.resource.spec.jwt and x.resource.spec.target_ref == gateway for x in p.auth_policies.values()):
-            out.append(pol.source.problem(where, "claims conditions need a jwt section in this "
-                                                 "policy or on the gateway"))
+            out.append(pol.source.problem(where, f"{_jwt_kinds(ext.rules)} conditions need a jwt section in "
+                                                 "this policy or on the gateway"))
     native = all(
-        not (r.when.api_keys or r.when.authenticated is not None or r.upstream_headers
+        not (any(c.api_keys or c.authenticated is not None for c in r.when.nested()) or r.upstream_headers
              or r.remove_headers or r.response_headers) and r.deny == _NATIVE_DENY
         for r in ext.rules)
     if native and not ext.api_keys:

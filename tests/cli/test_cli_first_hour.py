@@ -13,7 +13,7 @@ import pytest
 from authplane.demo import example_files
 from tests.support.policies import backend, documents, gateway, write_policies
 from tests.support.ports import free_port, wait_for
-from tests.support.processes import ServeProcess
+from tests.support.processes import ServeProcess, start_envoys
 
 
 def cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -83,3 +83,29 @@ def test_status_check_fails_on_a_rejected_change(tmp_path, echo):
         assert cli("status", "--admin", serve.address).returncode == 0  # without --check: informative only
     finally:
         serve.stop(signal.SIGKILL)
+
+
+def test_status_check_fails_while_a_connected_envoy_is_out_of_sync(tmp_path, echo, processes):
+    """A change authplane accepts but Envoy rejects (a listener on an address it cannot bind):
+    no reload error, yet the node no longer runs its fleet's version."""
+    envoys, serves = processes
+    d = write_policies(str(tmp_path / "policies"), {
+        "gateway.yaml": documents(gateway("edge", free_port()), backend("echo", echo.port),
+                                  "kind: Route\nmetadata: {name: app}\n"
+                                  "spec: {gateway: edge, rules: [{backend: echo}]}")})
+    serve = ServeProcess(d, str(tmp_path), 0, "--no-authz").wait_started()
+    serves.append(serve)
+    envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)])
+    wait_for(lambda: serve.status()["nodes"] and serve.status()["nodes"][0]["state"] == "in sync",
+             "the Envoy to be in sync")
+    ok = cli("status", "--check", "--admin", serve.address)
+    assert (ok.returncode, ok.stderr) == (0, ""), ok.stderr
+    write_policies(d, {"unbindable.yaml": documents(
+        gateway("far", free_port(), fleet="edge").replace("127.0.0.1", "192.0.2.1"),
+        "kind: Route\nmetadata: {name: far}\nspec: {gateway: far, rules: [{backend: echo}]}")})
+    wait_for(lambda: serve.status()["nodes"][0]["state"] != "in sync", "Envoy to reject the change")
+    assert not serve.status().get("last_reload_error")  # authplane itself accepted it
+    bad = cli("status", "--check", "--admin", serve.address)
+    assert bad.returncode == 1, bad.stdout
+    assert bad.stderr.startswith("authplane status --check: node edge-1 (fleet edge) is "), bad.stderr
+    assert "in sync" not in bad.stderr

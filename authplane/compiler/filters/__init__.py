@@ -1,11 +1,13 @@
 """One module per Envoy HTTP filter, each a ``base.Filter`` subclass with one instance ``FILTER``.
 
 ``ORDER`` is the one table that registers them and fixes the order of the HTTP filter chain. The
-credential checks only authenticate; each one that applies must pass (401 otherwise).
+credential checks only authenticate; each one that applies must pass (401 otherwise), or with
+``satisfy: any`` one of them (the route variants of ``compiler/satisfy.py`` choose which run).
 """
 
 from authplane.compiler.filters import (
     api_key_auth,
+    auth_method,
     basic_auth,
     ext_authz,
     jwt_authn,
@@ -29,6 +31,9 @@ ORDER: tuple[Filter, ...] = (
     # name, replacing any client copy) is in place before anything reads headers.
     basic_auth.FILTER,
     api_key_auth.FILTER,
+    # satisfy: any: the method that passed (methodHeader), set after the credential checks and
+    # before anything that reads headers, so rules see authplane's value, never a client's copy.
+    auth_method.FILTER,
     # The native authorization rules, after every credential check: they can match verified
     # claims and the user/client headers the checks set.
     rbac.FILTER,

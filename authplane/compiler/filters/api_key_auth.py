@@ -17,8 +17,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import any_pb2
 
-from authplane.compiler.filters.base import Filter, PerFilterConfig, enable, http_filter
+from authplane.compiler.filters.base import Filter, PerFilterConfig, disable, enable, http_filter
 from authplane.compiler.ir import LEVELS, Checks, ListenerIR, RouteIR
+from authplane.compiler.satisfy import API_KEY, is_any, variant_of
 from authplane.policy.model import ApiKey
 
 
@@ -53,11 +54,19 @@ class ApiKeyAuth(Filter):
 
     def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
         rt = _api_key(route.checks)
-        if route.checks is None or rt is None:
-            return {}
         gw = _api_key(lst.checks)
+        out: PerFilterConfig = {}
+        v = variant_of(route)
+        if v is not None:  # satisfy: any: only the keys the variant's route match found are checked
+            if gw is not None and is_any(lst.checks) and ("gateway", API_KEY) not in v.enabled:
+                gw = None
+                out[self.name("gateway")] = disable()
+            if rt is not None and is_any(route.checks) and ("route", API_KEY) not in v.enabled:
+                rt = None
+        if route.checks is None or rt is None:
+            return out
         shared = gw is not None and gw.source == rt.source and not gw.forward
-        out = {self.name("route"): _per_route(route.checks, hide=not rt.forward or shared)}
+        out[self.name("route")] = _per_route(route.checks, hide=not rt.forward or shared)
         if lst.checks is not None and shared:
             out[self.name("gateway")] = _per_route(lst.checks, hide=False)
         return out

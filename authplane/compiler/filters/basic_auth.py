@@ -22,8 +22,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 
-from authplane.compiler.filters.base import Filter, PerFilterConfig, enable, http_filter
-from authplane.compiler.ir import Checks, ListenerIR
+from authplane.compiler.filters.base import Filter, PerFilterConfig, disable, enable, http_filter
+from authplane.compiler.ir import Checks, ListenerIR, RouteIR
+from authplane.compiler.satisfy import BASIC, is_any, variant_of
 from authplane.policy.model import BasicAuth
 
 STRIP = "envoy.filters.http.header_mutation.basic_auth"
@@ -60,6 +61,25 @@ class BasicAuthFilter(Filter):
             strip = hm.HeaderMutationPerRoute(mutations=hm.Mutations(
                 request_mutations=[mutation.HeaderMutation(remove="authorization")]))
             out[STRIP] = enable(strip)
+        return out
+
+    def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
+        v = variant_of(route)
+        if v is None:
+            return super().route_config(lst, route)
+
+        def on(c: Checks | None) -> bool:  # satisfy: any: only where the variant's match found Basic
+            return c is not None and c.spec.basic_auth is not None and (not is_any(c) or (c.level, BASIC) in v.enabled)
+
+        out: PerFilterConfig = {}
+        gw, rt = lst.checks, route.checks
+        if gw is not None and gw.spec.basic_auth is not None and not on(gw):
+            out[self.name("gateway", gw.spec.basic_auth.user_header or "")] = disable()
+            if not gw.spec.basic_auth.forward and not (on(rt) and rt is not None and rt.spec.basic_auth
+                                                       and not rt.spec.basic_auth.forward):
+                out[STRIP] = disable()
+        if on(rt) and rt is not None:
+            out.update(self.level_config(lst, rt))
         return out
 
 

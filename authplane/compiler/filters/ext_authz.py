@@ -79,10 +79,11 @@ def _cluster(lst: ListenerIR, s: ExtAuth) -> ClusterIR:
 def rules_digest(spec: AuthPolicySpec, ext_keys: str | None) -> str:
     """A hash of what a builtin policy's decisions depend on besides the Envoy config (its rules,
     the API key file): it goes in the routes' ext_authz settings, so a rule edit changes the
-    fleet's snapshot version like any other change."""
+    fleet's snapshot version like any other change. Fields left at their defaults are not hashed,
+    so a new policy field does not change the digest of policies that do not use it."""
     ext = spec.ext_auth
     assert ext is not None
-    digest = hashlib.sha256(spec.model_dump_json(by_alias=True).encode())
+    digest = hashlib.sha256(spec.model_dump_json(by_alias=True, exclude_defaults=True).encode())
     if ext.api_keys:
         digest.update(b"\0" + (ext_keys or "").encode())
     return digest.hexdigest()[:12]

@@ -8,7 +8,7 @@ and the gateway's requirement is set on each virtual host.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.core.v3 import http_uri_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt
@@ -21,6 +21,7 @@ from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, http
 from authplane.compiler.filters.oauth2 import id_token_check
 from authplane.compiler.ir import Checks, ListenerIR, RouteIR
 from authplane.compiler.protos import duration, pack
+from authplane.compiler.satisfy import Variant, expand, is_any, variant_of
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
 from authplane.policy.model import Jwt
 
@@ -59,9 +60,31 @@ def _requirement(ir: JwtCheck) -> jwt.JwtRequirement:
     return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=reqs))
 
 
-def _route_requirement(lst: ListenerIR, checks: Checks | None) -> tuple[str, jwt.JwtRequirement] | None:
+def _variant_requirement(lst: ListenerIR, route: RouteIR, v: Variant) -> tuple[str, jwt.JwtRequirement] | None:
+    """On a ``satisfy: any`` variant, a level's JWT is required only where its other credentials
+    are absent; elsewhere it is ``allow_missing`` (``<policy>?``): a presented token is verified."""
+    parts = []
+    for checks in (lst.checks, route.checks):
+        ir = jwt_check(checks)
+        if checks is None or ir is None:
+            continue
+        if is_any(checks) and checks.level not in v.jwt_required:
+            optional = replace(ir, spec=ir.spec.model_copy(update={"required": False}))
+            parts.append((f"{ir.policy}?", _requirement(optional)))
+        else:
+            parts.append((ir.policy, _requirement(ir)))
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    return "+".join(n for n, _ in parts), jwt.JwtRequirement(requires_all=jwt.JwtRequirementAndList(
+        requirements=[r for _, r in parts]))
+
+
+def _route_requirement(lst: ListenerIR, route: RouteIR) -> tuple[str, jwt.JwtRequirement] | None:
+    v = variant_of(route)
+    if v is not None:
+        return None if v.challenges else _variant_requirement(lst, route, v)
     gw = jwt_check(lst.checks)
-    rt = jwt_check(checks)
+    rt = jwt_check(route.checks)
     if gw and rt:
         both = jwt.JwtRequirement(requires_all=jwt.JwtRequirementAndList(
             requirements=[_requirement(gw), _requirement(rt)]))
@@ -122,8 +145,8 @@ class JwtAuthn(Filter):
         if gw:
             cfg.requirement_map[gw.policy].CopyFrom(_requirement(gw))
         for vh in lst.virtual_hosts:
-            for r in vh.routes:
-                req = None if r.public else _route_requirement(lst, r.checks)
+            for r in (x for route in vh.routes for x in expand(lst, route)):
+                req = None if r.public else _route_requirement(lst, r)
                 if req:
                     cfg.requirement_map[req[0]].CopyFrom(req[1])
         return [http_filter(self.name(), cfg)]
@@ -133,7 +156,7 @@ class JwtAuthn(Filter):
         return {self.name(): pack(jwt.PerRouteConfig(requirement_name=gw.policy))} if gw else {}
 
     def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
-        req = _route_requirement(lst, route.checks)
+        req = _route_requirement(lst, route)
         return {self.name(): pack(jwt.PerRouteConfig(requirement_name=req[0]))} if req else {}
 
     def resources(self, lst: ListenerIR) -> Needs:

@@ -18,13 +18,16 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
-from envoy.type.matcher.v3 import metadata_pb2, path_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
+from google.api.expr.v1alpha1 import syntax_pb2 as expr_pb2
 
+from authplane.compiler import cel
 from authplane.compiler.filters.base import Filter, PerFilterConfig, http_filter
 from authplane.compiler.ir import LEVELS, Checks, ListenerIR
 from authplane.compiler.protos import pack
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
 from authplane.policy.model import Authorization, Conditions
+from authplane.policy.types import PathMatch, StringMatch, scope_regex
 
 
 def _any_of(principals: list[rbac.Principal]) -> rbac.Principal:
@@ -54,31 +57,65 @@ def _segments(path: str) -> tuple[metadata_pb2.MetadataMatcher.PathSegment, ...]
     return tuple(metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in (JWT_PAYLOAD_KEY, *path.split(".")))
 
 
-def _claim(path: str, value: str) -> rbac.Principal:
-    segments = _segments(path)
+def _string(value: StringMatch) -> string_pb2.StringMatcher:
+    if value.prefix is not None:
+        return string_pb2.StringMatcher(prefix=value.prefix)
+    if value.regex is not None:
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=value.regex))
+    assert value.exact is not None
+    return _exact(value.exact)
 
-    def meta(v: value_pb2.ValueMatcher) -> rbac.Principal:
-        matcher = metadata_pb2.MetadataMatcher(filter=JWT_FILTER, path=segments, value=v)
-        return rbac.Principal(sourced_metadata=rbac.SourcedMetadata(metadata_matcher=matcher))
 
-    # A claim may be a string or an array of strings: match either shape.
+def _metadata(path: str, value: value_pb2.ValueMatcher) -> rbac.Principal:
+    matcher = metadata_pb2.MetadataMatcher(filter=JWT_FILTER, path=_segments(path), value=value)
+    return rbac.Principal(sourced_metadata=rbac.SourcedMetadata(metadata_matcher=matcher))
+
+
+def _string_or_list(path: str, string: string_pb2.StringMatcher) -> rbac.Principal:
+    """A claim may be a string or an array of strings: match either shape."""
     return _any_of([
-        meta(value_pb2.ValueMatcher(string_match=_exact(value))),
-        meta(value_pb2.ValueMatcher(list_match=value_pb2.ListMatcher(
-            one_of=value_pb2.ValueMatcher(string_match=_exact(value))))),
+        _metadata(path, value_pb2.ValueMatcher(string_match=string)),
+        _metadata(path, value_pb2.ValueMatcher(list_match=value_pb2.ListMatcher(
+            one_of=value_pb2.ValueMatcher(string_match=string)))),
     ])
 
 
-def _header(header: str, value: str) -> rbac.Principal:
-    return rbac.Principal(header=rc.HeaderMatcher(name=header, string_match=_exact(value)))
+def _claim(path: str, value: StringMatch) -> rbac.Principal:
+    if value.present:
+        return _metadata(path, value_pb2.ValueMatcher(present_match=True))
+    return _string_or_list(path, _string(value))
 
 
-def _path(pattern: str, ignore_case: bool) -> list[rbac.Principal]:
-    """Exact ``/x`` (or ``/x/``) matches ``/x`` and ``/x/``; ``/x/*`` matches ``/x`` and below."""
+def _scope(scope: str) -> rbac.Principal:
+    """One scope in ``scope`` or ``scp``, either a space-delimited string or an array."""
+    words = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=scope_regex(scope)))
+    return _any_of([
+        p for claim in ("scope", "scp") for p in (
+            _metadata(claim, value_pb2.ValueMatcher(string_match=words)),
+            _metadata(claim, value_pb2.ValueMatcher(list_match=value_pb2.ListMatcher(
+                one_of=value_pb2.ValueMatcher(string_match=_exact(scope))))))])
+
+
+def _header(header: str, value: str | StringMatch) -> rbac.Principal:
+    if isinstance(value, str):
+        return rbac.Principal(header=rc.HeaderMatcher(name=header, string_match=_exact(value)))
+    if value.present:
+        return rbac.Principal(header=rc.HeaderMatcher(name=header, present_match=True))
+    return rbac.Principal(header=rc.HeaderMatcher(name=header, string_match=_string(value)))
+
+
+def _path(match: PathMatch, ignore_case: bool) -> list[rbac.Principal]:
+    """Exact ``/x`` (or ``/x/``) matches ``/x`` and ``/x/``; ``/x/*`` matches ``/x`` and below; a
+    regex matches the whole path (``ignore_case`` has no effect on Envoy regexes: ``(?i)`` does)."""
     def url(**match: str) -> rbac.Principal:
         m = string_pb2.StringMatcher(ignore_case=ignore_case, **match)
         return rbac.Principal(url_path=path_pb2.PathMatcher(path=m))
 
+    if match.regex is not None:
+        regex = regex_pb2.RegexMatcher(regex=("(?i)" if ignore_case else "") + match.regex)
+        return [rbac.Principal(url_path=path_pb2.PathMatcher(path=string_pb2.StringMatcher(safe_regex=regex)))]
+    pattern = match.path
+    assert pattern is not None
     base = pattern.removesuffix("*").rstrip("/")
     if not base:  # "/" or "/*"
         return [url(prefix="/") if pattern == "/*" else url(exact="/")]
@@ -98,7 +135,8 @@ def _methods(methods: tuple[str, ...]) -> rbac.Principal:
 
 
 def conditions(when: Conditions, ignore_case: bool = False) -> rbac.Principal:
-    """All kinds must match; any value within a kind matches."""
+    """All kinds must match; any value within a kind matches; every scope must be there; ``not``
+    must not match."""
     parts: list[rbac.Principal] = []
     for claim, values in sorted(when.claims.items()):
         parts.append(_any_of([_claim(claim, v) for v in values]))
@@ -110,21 +148,51 @@ def conditions(when: Conditions, ignore_case: bool = False) -> rbac.Principal:
         parts.append(_methods(tuple(when.methods)))
     if when.paths:
         parts.append(_any_of([m for p in when.paths for m in _path(p, ignore_case)]))
+    parts.extend(_scope(s) for s in sorted(set(when.scopes)))
+    if when.not_ is not None:
+        parts.append(rbac.Principal(not_id=conditions(when.not_, ignore_case)))
     return _all_of(parts)
+
+
+def _policy(principal: rbac.Principal, condition: expr_pb2.Expr | None) -> rbac.Policy:
+    policy = rbac.Policy(permissions=[rbac.Permission(any=True)], principals=[principal])
+    if condition is not None:
+        policy.condition.CopyFrom(condition)
+    return policy
+
+
+def _cel(when: Conditions) -> list[expr_pb2.Expr]:
+    return [cel.expression(when.cel)] if when.cel is not None else []
+
+
+def _unless(deny: list[tuple[rbac.Principal, expr_pb2.Expr]]) -> list[tuple[list[rbac.Principal], list[expr_pb2.Expr]]]:
+    """The ways to match none of the (principal, cel) deny rules: for each, its principal does not
+    match or its expression is false. A policy's ``condition`` cannot sit inside a principal, so
+    each way becomes one RBAC policy (2^n ways at most, see ``policy.cel.MAX_DENY_RULES``)."""
+    ways: list[tuple[list[rbac.Principal], list[expr_pb2.Expr]]] = [([], [])]
+    for principal, expr in deny:
+        ways = ([([*p, rbac.Principal(not_id=principal)], e) for p, e in ways if not principal.any]
+                + [(p, [*e, cel.negate(expr)]) for p, e in ways])
+    return ways
 
 
 def rules(authz: Authorization, ignore_case: bool = False) -> rbac.RBAC:
     deny = [r for r in authz.rules if r.action == "deny"]
     allow = [r for r in authz.rules if r.action == "allow"]
-    anything = [rbac.Permission(any=True)]
     if authz.default == "allow":
         return rbac.RBAC(action=rbac.RBAC.DENY, policies={
-            r.name: rbac.Policy(permissions=anything, principals=[conditions(r.when, ignore_case)])
-            for r in deny})
-    denied = [rbac.Principal(not_id=_any_of([conditions(r.when, ignore_case) for r in deny]))] if deny else []
-    return rbac.RBAC(action=rbac.RBAC.ALLOW, policies={
-        r.name: rbac.Policy(permissions=anything, principals=[_all_of([conditions(r.when, ignore_case), *denied])])
-        for r in allow})
+            r.name: _policy(conditions(r.when, ignore_case), cel.all_of(_cel(r.when))) for r in deny})
+    plain = [conditions(r.when, ignore_case) for r in deny if r.when.cel is None]
+    denied = [rbac.Principal(not_id=_any_of(plain))] if plain else []
+    with_cel = [(conditions(r.when, ignore_case), cel.expression(r.when.cel))
+                for r in deny if r.when.cel is not None]
+    policies: dict[str, rbac.Policy] = {}
+    for r in allow:
+        for n, (principals, exprs) in enumerate(_unless(with_cel)):
+            policies[r.name if n == 0 else f"{r.name}#{n + 1}"] = _policy(
+                _all_of([conditions(r.when, ignore_case), *denied, *principals]),
+                cel.all_of([*_cel(r.when), *exprs]))
+    return rbac.RBAC(action=rbac.RBAC.ALLOW, policies=policies)
 
 
 class Rbac(Filter):

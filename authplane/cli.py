@@ -42,8 +42,10 @@ def _load(args: argparse.Namespace):  # -> PolicySet
 
 def _options(args: argparse.Namespace):  # -> CompileOptions
     from authplane.compiler.ir import CompileOptions
+    from authplane.controlplane.bootstrap import XDS_CLUSTER
 
-    return CompileOptions(authz_grpc=args.authz_grpc, authz_http=args.authz_http)
+    return CompileOptions(authz_grpc=args.authz_grpc, authz_http=args.authz_http,
+                          decision_log_cluster=XDS_CLUSTER if getattr(args, "decision_log", None) else None)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -54,6 +56,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     snapshots = compile_policies(policies, _options(args))
     for w in policies.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if args.report:
+        from authplane.compiler.report import report
+        from authplane.compiler.translate import build
+
+        sys.stdout.write(report(policies, build(policies, _options(args))))
+    if args.strict and policies.warnings:
+        n = len(policies.warnings)
+        return _fail(f"{args.dir}: {n} warning{'s' if n != 1 else ''} (--strict)")
     if args.envoy:
         from authplane.envoy_bin import validate_config
 
@@ -108,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.xds_tls_cert is None) != (args.xds_tls_key is None) or (args.xds_client_ca and not args.xds_tls_cert):
         return _fail("authplane serve: --xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs them)",
                      2)
-    cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file))
+    cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file,
+                                  decision_log=args.decision_log, decision_log_queue=args.decision_log_queue))
     cp.store.max_file_size = args.max_file_size
     if args.xds_tls_cert:
         from authplane.controlplane.tls import TlsFiles
@@ -151,6 +162,19 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
                            args.xds_client_key)
     sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, xds, args.admin_port, not args.sotw, tls))
     return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from authplane.testrun import cmd_test as run
+
+    return run(args.dir, args.tests, args.junit, args.max_file_size)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from authplane.testrun import cmd_explain as run
+
+    return run(args.dir, args.fleet, args.method, args.url, args.headers, args.claims, args.client_cert,
+               args.max_file_size)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -202,6 +226,12 @@ def _workers(value: str) -> int:
     return int(value)
 
 
+def _count(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"invalid count {value!r}: expected 1-10000000")
+    return int(value)
+
+
 def _nonempty(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -219,8 +249,14 @@ def _size(value: str) -> int:
     return int(number) * _SIZE_UNITS[unit]
 
 
-def _compile_flags(p: argparse.ArgumentParser) -> None:
+def _compile_flags(p: argparse.ArgumentParser, decision_log: bool = False) -> None:
+    """The flags every command that compiles takes; ``decision_log``: also ``--decision-log`` (the
+    access log ``serve --decision-log`` adds, for ``validate`` and ``render``)."""
     from authplane.policy.files import DEFAULT_MAX_FILE_SIZE
+
+    if decision_log:
+        p.add_argument("--decision-log", action="store_true",
+                       help="include the access log that serve --decision-log adds to every listener")
 
     p.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
                    help="refuse policy, JWKS, key and secret files larger than this (default 4MiB)")
@@ -228,6 +264,10 @@ def _compile_flags(p: argparse.ArgumentParser) -> None:
                    help="address Envoy uses for the builtin decision service over gRPC")
     p.add_argument("--authz-http", default="127.0.0.1:9002", metavar="HOST:PORT",
                    help="address Envoy uses for the builtin decision service over HTTP")
+
+
+def _dir_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,24 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("validate", help="check policy files (exit 1 with path:line:col per problem)")
-    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
+    _dir_argument(p)
     p.add_argument("--envoy", action="store_true", help="also run envoy --mode validate on the result")
-    _compile_flags(p)
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too (static checks: "
+                   "rules that never match or are shadowed, routes reachable with no credential ...)")
+    p.add_argument("--report", action="store_true", help="print, per fleet, listener, host and route, the "
+                   "checks of each level with their file:line and whether it is reachable anonymously")
+    _compile_flags(p, decision_log=True)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("render", help="print the Envoy resources a fleet would receive")
-    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
+    _dir_argument(p)
     p.add_argument("--fleet", required=True, metavar="F", help="the fleet (Gateway spec.fleet) to render")
     p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="output format (default: %(default)s)")
     p.add_argument("--static", action="store_true",
                    help="print a static Envoy bootstrap (routes inlined) instead of xDS resources")
     p.add_argument("--show-secrets", action="store_true",
-                   help="print client secrets, HMAC keys, API keys and passwords (redacted by default)")
-    _compile_flags(p)
+                   help="print client secrets, HMAC keys, API keys, passwords and TLS private keys "
+                        "(redacted by default)")
+    _compile_flags(p, decision_log=True)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("serve", help="serve the policies to Envoy fleets over ADS, reloading on every save")
-    p.add_argument("dir", nargs="?", default=DEFAULT_DIR, help="policy directory (default: %(default)s)")
+    _dir_argument(p)
     p.add_argument("--xds", default="127.0.0.1:18000", type=_address, metavar="HOST:PORT",
                    help="ADS (gRPC) listen address")
     p.add_argument("--admin", default="127.0.0.1:9100", type=_address, metavar="HOST:PORT",
@@ -274,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the decision service in N processes sharing its ports (default 1; 0: in this "
                    "process, where checks wait while a reload holds it)")
     p.add_argument("--no-authz", action="store_true", help="do not run the decision service")
+    p.add_argument("--decision-log", metavar="PATH", help="Envoys report each decided request over the xDS "
+                   "connection; write them here as JSON lines ('-': stdout; SIGHUP reopens PATH, for rotation) "
+                   "and count them on /metrics and /status")
+    p.add_argument("--decision-log-queue", type=_count, default=10_000, metavar="N",
+                   help="entries that may wait for a slow decision-log writer; more are dropped and counted "
+                   "(authplane_decision_log_entries_total{result=\"dropped\"}, default %(default)s)")
     p.add_argument("--xds-tls-cert", metavar="PEM", help="serve ADS over TLS with this certificate chain "
                    "(re-read when it changes)")
     p.add_argument("--xds-tls-key", metavar="PEM", help="the private key of --xds-tls-cert")
@@ -307,6 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 if the last policy change was rejected or a "
                    "connected Envoy does not run its fleet's current version (for scripts and CI)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("test", help="run the PolicyTest cases through a real Envoy (exit 1 with each failing case)")
+    _dir_argument(p)
+    p.add_argument("--tests", metavar="PATH", help="read the PolicyTest documents here (file or directory) "
+                   "instead of the policy directory")
+    p.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
+    _compile_flags(p)
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("explain", help="send one request through a real Envoy: its route, each check and "
+                       "the policy line behind it, the status")
+    p.add_argument("dir", help="policy directory")
+    p.add_argument("--fleet", required=True, metavar="F", help="the fleet (Gateway spec.fleet) to ask")
+    p.add_argument("method", metavar="METHOD", help="HTTP method")
+    p.add_argument("url", metavar="URL", help="http://host/path?query, or a path")
+    p.add_argument("-H", dest="headers", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a request header (repeatable)")
+    p.add_argument("--claims", metavar="JSON", help="send a JWT with these claims, minted for the first JWT "
+                   "check on the route (its provider is re-keyed for the run)")
+    p.add_argument("--client-cert", metavar="PEM", help="client certificate (not supported yet)")
+    _compile_flags(p)
+    p.set_defaults(func=cmd_explain)
 
     from authplane import demo
 

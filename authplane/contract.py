@@ -31,3 +31,55 @@ its builtin rules (so a rule edit changes the fleet's version though Envoy never
 
 BUILTIN_HTTP_PREFIX = "/envoy/"
 """HTTP mode: the decision service reads the policy from the path, ``/envoy/<policy>/<path>``."""
+
+# --- shadow mode (issue 12): where each check's would-deny is found in Envoy's state ----------
+#
+# Every check of a ``mode: shadow`` policy (or a ``mode: shadow`` authorization rule) records its
+# outcome in one place of Envoy's per-request dynamic metadata, the same for every check type:
+# an RBAC instance's shadow result, in the namespace ``RBAC_FILTER`` (Envoy fixes it, whatever
+# the instance's name), under the keys ``shadow_prefix(check, level, policy) + RBAC_SHADOW_RESULT``
+# (``RBAC_DENIED`` = would-deny, ``RBAC_ALLOWED``) and ``... + RBAC_SHADOW_RULE`` (the rule whose
+# match decided it: an authorization rule's name, ``<name>#<n>`` for a CEL deny expansion; absent
+# when no rule matched, so on every would-deny but a deny rule's; the other checks' recorders name
+# the check itself when it passed). Access log: ``%DYNAMIC_METADATA(envoy.filters.http.rbac:<key>)%``.
+# A key is present only when that check is in shadow on the request's route; an enforcing check
+# writes none of these. The detail, where Envoy has one, is elsewhere (below).
+
+MODE_ENFORCE = "enforce"
+MODE_SHADOW = "shadow"
+"""The values of ``mode`` on an AuthPolicy and on an authorization rule (default enforce)."""
+
+RBAC_FILTER = "envoy.filters.http.rbac"
+"""Dynamic metadata namespace of every RBAC instance (the shadow results below)."""
+RBAC_SHADOW_RESULT = "shadow_engine_result"
+RBAC_SHADOW_RULE = "shadow_effective_policy_id"
+"""Key suffixes Envoy writes (after the instance's ``shadow_rules_stat_prefix``)."""
+RBAC_DENIED = "denied"
+RBAC_ALLOWED = "allowed"
+
+SHADOW_PREFIX = "authplane.shadow."
+SHADOW_CHECKS = ("authorization", "jwt", "basicAuth", "apiKey", "extAuth")
+"""``check`` in ``shadow_prefix``: the AuthPolicy section names."""
+
+
+def shadow_prefix(check: str, level: str, policy: str) -> str:
+    """The key prefix of one check's shadow result: ``authplane.shadow.<check>.<level>.<policy>.``
+    (``level`` gateway or route; the policy name comes last, it may contain dots)."""
+    return f"{SHADOW_PREFIX}{check}.{level}.{policy}."
+
+
+JWT_FAILURE_KEY = "jwt_failure"
+"""Shadow JWT detail: ``JWT_FILTER`` namespace, ``{code, message}`` of a token that was presented
+and failed verification (``failed_status_in_metadata``); absent when no token was presented."""
+
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+SHADOW_VERDICT_KEY = "authplane.verdict"
+SHADOW_POLICY_KEY = "authplane.policy"
+SHADOW_RULE_KEY = "authplane.rule"
+WOULD_DENY = "would-deny"
+"""Shadow builtin ext_authz detail: the decision service answers allow and puts, in its
+OkHttpResponse / CheckResponse ``dynamic_metadata`` (namespace ``EXT_AUTHZ_FILTER``),
+``{authplane.verdict: would-deny, authplane.policy: <policy>, authplane.rule: <rule or ''>}``
+when it would have denied; nothing when it allows. HTTP mode sends them as response headers that
+Envoy copies there (``dynamic_metadata_from_headers``); a shadow HTTP Backend's Lua call writes the
+same keys (``rule`` empty) when the service answers anything but 200."""

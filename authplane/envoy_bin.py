@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from typing import Self
 
 
 class EnvoyNotFound(Exception):
@@ -63,7 +64,23 @@ def die_with_parent() -> Callable[[], None]:
     return setup
 
 
-class EnvoyProcess:
+class Running:
+    """``with thing as t:`` starts it and stops it on the way out (subclasses define both)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EnvoyProcess(Running):
     """A real Envoy started from a bootstrap file, with its admin on an OS-chosen loopback port."""
 
     def __init__(self, bootstrap_path: str, log_path: str | None = None, concurrency: int = 1,
@@ -161,9 +178,3 @@ class EnvoyProcess:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> EnvoyProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

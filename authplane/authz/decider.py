@@ -42,6 +42,13 @@ class Decider:
                         f"{self.table.version or 'none'})")
         return pol
 
+    def policy_for(self, host: str, path: str, method: str, headers: dict[str, str]) -> CompiledPolicy | Decision:
+        """The policy of the route Envoy would take for this request (forward auth naming none)."""
+        target = self.table.routes.find(host, path, method, headers)
+        if target.policy is None:
+            return deny(target.reason)
+        return self.policy(target.policy)
+
     def verifier(self, pol: CompiledPolicy) -> Verifier | None:
         return self._verifiers.get(pol.name)
 

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import re2
 
 from authplane.authz.rules import CompiledPolicy, KeyTable, Matcher, Rule, Values, trim_slash
-from authplane.contract import IDENTITY_HEADERS
+from authplane.contract import IDENTITY_HEADERS, SHADOW_POLICY_KEY, SHADOW_RULE_KEY, SHADOW_VERDICT_KEY, WOULD_DENY
 from authplane.policy.types import re2_options
 
 BROWSER = "text/html"
@@ -63,12 +63,21 @@ class Decision:
     reason: str = ""
     expires: float | None = None
     """The JWT's ``exp``: an allow is never cached beyond it."""
+    would_deny: str = ""
+    """``mode: shadow``: the policy whose denial (by ``rule``) this allow stands for, reported to
+    Envoy as ``contract.WOULD_DENY`` (``shadow_report``)."""
 
 
 def deny(reason: str, status: int = 403) -> Decision:
     """A denial the rules did not produce (unknown policy, malformed request): fail closed."""
     return Decision(False, "", status, f"authplane: {reason}\n", (("content-type", "text/plain"),),
                     reason=reason)
+
+
+def shadow_report(d: Decision) -> dict[str, str]:
+    """What a shadow allow tells Envoy about the denial it stands for (``authplane/contract.py``):
+    gRPC mode sends it as dynamic metadata, HTTP mode as response headers Envoy turns into it."""
+    return {SHADOW_VERDICT_KEY: WOULD_DENY, SHADOW_POLICY_KEY: d.would_deny, SHADOW_RULE_KEY: d.rule}
 
 
 def api_client(keys: KeyTable, headers: Mapping[str, str]) -> str | None:
@@ -227,9 +236,14 @@ def _deny(pol: CompiledPolicy, rule: Rule, req: Request) -> Decision:
 
 
 def decide(pol: CompiledPolicy, req: Request) -> Decision:
-    """First matching rule wins; no match denies (403)."""
+    """First matching rule wins; no match denies (403). In shadow a denial becomes an allow that
+    reports it (no headers set: the request passes as it came)."""
     client = api_client(pol.keys, req.headers) if pol.keys else None
+    decision = deny(f"no rule of policy {pol.name!r} matched")
     for rule in pol.rules:
         if matches(rule.match, req, client):
-            return _allow(pol, rule, req, client) if rule.allow else _deny(pol, rule, req)
-    return deny(f"no rule of policy {pol.name!r} matched")
+            decision = _allow(pol, rule, req, client) if rule.allow else _deny(pol, rule, req)
+            break
+    if pol.shadow and not decision.allow:
+        return Decision(True, decision.rule, reason=f"would deny: {decision.reason}", would_deny=pol.name)
+    return decision

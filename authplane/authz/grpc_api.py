@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from authplane.authz.decider import Decider
-from authplane.authz.evaluate import Decision, Request, deny
+from authplane.authz.evaluate import Decision, Request, deny, shadow_report
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, POLICY_KEY
 
 log = logging.getLogger("authplane.authz")
@@ -41,6 +41,8 @@ def encode(d: Decision) -> bytes:
         out = pb.CheckResponse(status=status_pb2.Status(code=_GRPC_OK), ok_response=pb.OkHttpResponse(
             headers=_headers(d.upstream), headers_to_remove=list(d.remove),
             response_headers_to_add=_headers(d.headers)))
+        if d.would_deny:  # Envoy puts it in its dynamic metadata (namespace EXT_AUTHZ_FILTER)
+            out.dynamic_metadata.update(shadow_report(d))
     else:
         code = _UNAUTHENTICATED if d.status == 401 else _PERMISSION_DENIED
         out = pb.CheckResponse(

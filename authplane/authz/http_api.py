@@ -5,7 +5,8 @@
   state, the client address and the verified JWT payload (headers Envoy always overwrites).
 * ``/authz/<policy>`` (or ``/authz`` with ``X-Authplane-Policy``): forward auth for ingress-nginx
   ``auth-url`` and Traefik ``forwardAuth``; the original request is described by
-  ``X-Original-URL``/``X-Original-Method`` (nginx) or ``X-Forwarded-*`` (Traefik).
+  ``X-Original-URL``/``X-Original-Method`` (nginx) or ``X-Forwarded-*`` (Traefik). Plain
+  ``/authz``: the policy of the route Envoy would take for that host and path (``routing.py``).
 * ``/healthz`` and ``/metrics``.
 """
 
@@ -27,7 +28,7 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authplane.authz.decider import Decider
-from authplane.authz.evaluate import Decision, Request, deny
+from authplane.authz.evaluate import Decision, Request, deny, shadow_report
 from authplane.authz.rules import CompiledPolicy
 from authplane.authz.tokens import InvalidToken
 from authplane.contract import BUILTIN_HTTP_PREFIX, CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
@@ -176,13 +177,15 @@ class HttpFrontend:
             hit = self._fresh(pol, req, key)
         self.decider.count(pol.name, hit)
         response = _response(hit)
+        if hit.would_deny:  # Envoy turns these into dynamic metadata (dynamic_metadata_from_headers)
+            response.headers.update(shadow_report(hit))
         self._envoy_timer.observe(time.perf_counter() - start)
         return response
 
     async def forward(self, request: web.BaseRequest) -> web.Response:
         h = request.headers
         name = request.path[len(FORWARD_PREFIX) + 1:] or h.get(POLICY_HEADER, "")
-        pol = self.decider.policy(name)
+        pol = self.decider.policy(name) if name else None
         if isinstance(pol, Decision):
             return _response(pol)
         nginx = "x-original-url" in h
@@ -203,6 +206,13 @@ class HttpFrontend:
         clean = normalize_path(path or "/")
         if clean is None:  # nginx auth_request turns any status but 401 and 403 into a 500
             return _response(deny("ambiguous path (a ';' or a segment ending in '.')", 403 if nginx else 400))
+        if pol is None:  # no name: the route Envoy would take picks the policy
+            if not host or not (nginx or ("x-forwarded-host" in h and "x-forwarded-uri" in h)):
+                return _response(deny("no policy named and no original URL with a host (X-Original-URL, "
+                                      "or X-Forwarded-Host and X-Forwarded-Uri)"))
+            pol = self.decider.policy_for(host, clean.partition("?")[0], method.upper(), headers)
+            if isinstance(pol, Decision):
+                return _response(pol)
         req = Request(method=method.upper(), path=clean, headers=headers,
                       source=_client_ip(h, request.remote or ""), host=host, scheme=scheme)
         key, hit = self.decider.lookup(pol, req, "forward")

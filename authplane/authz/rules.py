@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+from authplane.authz.routing import RouteLookup, route_lookup
+from authplane.contract import MODE_SHADOW
 from authplane.policy.credentials import parse_api_keys
 from authplane.policy.documents import Located, PolicySet, Resolved
 from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt
@@ -147,6 +149,8 @@ class CompiledPolicy:
     """Removed from the client's request on every allow (unless the decision sets them): every
     header any rule, the identity headers or the API key client header can set, and the API key
     header unless forwarded. Independent of the request, so a cached decision strips them too."""
+    shadow: bool = False
+    """``mode: shadow``: a denial is answered as an allow that reports the would-deny."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,8 @@ class RuleTable:
 
     version: str
     policies: dict[str, CompiledPolicy]
+    routes: RouteLookup = field(default_factory=RouteLookup)
+    """Host and path → policy, for forward auth that names none (Envoy's route table)."""
 
     @classmethod
     def empty(cls) -> RuleTable:
@@ -189,7 +195,7 @@ def compile_policy(item: Located[AuthPolicy], resolved: Resolved, ignore_case: b
         uses_source=any(c.source_cidrs for r in ext.rules for c in r.when.nested()),
         uses_url=any(r.deny.sign_in for r in ext.rules) or any(src.query for src in sources),
         jwt=jwt, jwks_files=dict(resolved.jwks),
-        strip=tuple(h.lower() for h in strip))
+        strip=tuple(h.lower() for h in strip), shadow=item.resource.spec.mode == MODE_SHADOW)
 
 
 def _case_sensitive(policies: PolicySet, item: Located[AuthPolicy]) -> bool:
@@ -214,4 +220,5 @@ def compile_table(policies: PolicySet, version: str) -> RuleTable:
     digest = hashlib.sha256(version.encode())
     for path in sorted(policies.files):
         digest.update(f"\0{path}\0".encode() + policies.files[path].encode())
-    return RuleTable(f"{version}+{digest.hexdigest()[:8]}", compiled)
+    return RuleTable(f"{version}+{digest.hexdigest()[:8]}", compiled,
+                     route_lookup(policies, set(compiled)) if compiled else RouteLookup())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from authplane.policy.documents import Resolved
-from authplane.policy.model import AuthPolicySpec, RouteMatch
+from authplane.policy.documents import Resolved, TlsMaterial
+from authplane.policy.model import AuthPolicySpec, ListenerTls, RouteMatch
 
 LEVELS = ("gateway", "route")
 """The levels a policy applies at (``Checks.level``), in the order their filter instances run."""
@@ -84,6 +84,13 @@ class VirtualHostIR:
 
 
 @dataclass(frozen=True)
+class ListenerTlsIR:
+    spec: ListenerTls
+    material: TlsMaterial = field(repr=False)
+    """The certificates (with their private keys) and client CA the resolve stage read."""
+
+
+@dataclass(frozen=True)
 class ListenerIR:
     name: str  # "<gateway>/<listener>"
     gateway: str
@@ -98,6 +105,10 @@ class ListenerIR:
     reject_ambiguous: bool = True
     """The gateway's ``pathMatching``: a guard route answers 400 to ambiguous paths."""
     env: Env = field(default_factory=lambda: Env(CompileOptions(), {}), repr=False, compare=False)
+    tls: ListenerTlsIR | None = field(default=None, repr=False)
+    """``protocol: https``: the listener's ``tls`` and its certificates (compiler/tls.py)."""
+    redirect_port: int | None = field(default=None, repr=False)
+    """``redirectToHttps``: every request gets a 301 to this port over https, nothing else."""
 
     @property
     def route_config_name(self) -> str:
@@ -127,6 +138,8 @@ class ClusterIR:
     origin: Origin | None
     max_streams: int | None = None
     """HTTP/2: concurrent streams per connection; beyond it Envoy opens another connection."""
+    tls_material: TlsMaterial | None = field(default=None, repr=False)
+    """``tls: {caFile, certFile, keyFile}``: the CA and client certificate, sent over SDS."""
 
     @property
     def static_ips(self) -> bool:
@@ -143,10 +156,14 @@ class ClusterIR:
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Addresses Envoy uses to reach authplane's own decision service."""
+    """Addresses Envoy uses to reach authplane's own decision service, and its decision log."""
 
     authz_grpc: str = "127.0.0.1:9001"
     authz_http: str = "127.0.0.1:9002"
+    decision_log_cluster: str | None = None
+    """Set (``serve --decision-log``): every listener reports each request over Envoy's gRPC
+    access-log service to this cluster (authplane's own xDS cluster of the bootstrap). Off by
+    default, so ``render``/``validate`` output is unchanged unless asked for."""
 
 
 @dataclass(frozen=True)

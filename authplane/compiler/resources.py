@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import re
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from authplane.compiler import satisfy
+from authplane.compiler import satisfy, tls
 from authplane.compiler.filters import ORDER, auth_method, router
 from authplane.compiler.filters.base import disable
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
 from authplane.compiler.protos import ads_source, duration, pack, socket_address
+from authplane.contract import IDENTITY_HEADERS
+from authplane.policy.model import AuthPolicySpec
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -38,6 +41,39 @@ wait for them while the listener warms."""
 
 def http_filters(lst: ListenerIR) -> list[hcm.HttpFilter]:
     return [f for filt in ORDER for f in filt.http_filters(lst)]
+
+
+DECISION_LOG_NAME = "authplane.decisions"
+"""The ``log_name`` of the decision log's access logger (``serve --decision-log``)."""
+DECISION_LOG_BUFFER = 64 * 1024
+"""Bytes of entries an Envoy worker buffers before a send (else once a second): fewer, larger
+messages than Envoy's 16 KiB default cost both sides less per entry."""
+
+
+def identity_headers(spec: AuthPolicySpec) -> list[str]:
+    """Request headers carrying the identity a policy's checks established (Basic user, API-key
+    client, the builtin service's user): what the decision log reads, never a credential."""
+    names = {spec.basic_auth.user_header if spec.basic_auth else None,
+             spec.api_key.client_header if spec.api_key else None}
+    ext = spec.ext_auth
+    if ext is not None and ext.service == "builtin":
+        names.add(IDENTITY_HEADERS[0] if ext.identity_headers else None)
+        names.add(ext.api_keys.client_header if ext.api_keys else None)
+    return sorted(n for n in names if n)
+
+
+def decision_log(lst: ListenerIR, cluster: str) -> accesslog_pb2.AccessLog:
+    """Envoy's gRPC access log to authplane: route, response code details and dynamic metadata
+    (the JWT payload, shadow results) come with every entry; of the request headers only the
+    identity headers the listener's checks set are added (no ``authorization``, key or cookie)."""
+    cfg = grpc_als.HttpGrpcAccessLogConfig(
+        common_config=grpc_als.CommonGrpcAccessLogConfig(
+            log_name=DECISION_LOG_NAME, transport_api_version=config_source_pb2.V3,
+            buffer_size_bytes={"value": DECISION_LOG_BUFFER},
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster))),
+        additional_request_headers_to_log=sorted({h for c in lst.all_checks() for h in identity_headers(c.spec)}))
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(cfg))
 
 
 def listener(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> listener_pb2.Listener:
@@ -56,12 +92,17 @@ def listener(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> listener_pb2.Lis
         request_headers_timeout=duration(10),
     )
     manager.normalize_path.value = True  # BoolValue: unset means "runtime default"
-    return listener_pb2.Listener(
+    if lst.env.opts.decision_log_cluster:
+        manager.access_log.append(decision_log(lst, lst.env.opts.decision_log_cluster))
+    out = listener_pb2.Listener(
         name=lst.name,
         address=socket_address(lst.address, lst.port),
         filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
             name="envoy.filters.network.http_connection_manager", typed_config=pack(manager))])],
     )
+    if lst.tls is not None:
+        tls.https_listener(out, lst)
+    return out
 
 
 AMBIGUOUS_PATH = r".*(?:;|%3[Bb]|\.$|\./).*"
@@ -122,6 +163,8 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
     for filt in ORDER:
         vhost_cfg.update(filt.vhost_config(lst))
     out = route_pb2.RouteConfiguration(name=lst.route_config_name)
+    if lst.redirect_port is not None:
+        return tls.redirect_routes(out, lst.redirect_port)
     for vh in lst.virtual_hosts:
         vhost = out.virtual_hosts.add(name=vh.name, domains=vh.domains)
         for key in sorted(vhost_cfg):
@@ -184,13 +227,7 @@ def cluster(c: ClusterIR, eds: bool = True) -> cluster_pb2.Cluster:
         out.typed_extension_protocol_options[
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(pack(opts))
     if c.tls:
-        sni = c.sni or c.endpoints[0][0]
-        tls = tls_pb2.UpstreamTlsContext(sni=sni)
-        tls.common_tls_context.validation_context.trusted_ca.filename = "/etc/ssl/certs/ca-certificates.crt"
-        tls.common_tls_context.validation_context.match_typed_subject_alt_names.add(
-            san_type=common_pb2.SubjectAltNameMatcher.DNS, matcher=string_pb2.StringMatcher(exact=sni))
-        out.transport_socket.name = "envoy.transport_sockets.tls"
-        out.transport_socket.typed_config.CopyFrom(pack(tls))
+        out.transport_socket.CopyFrom(tls.upstream_socket(c))
     return out
 
 
@@ -230,9 +267,13 @@ def fleet_resources(fleet: FleetIR) -> Resources:
                 clusters.setdefault(c.name, c)
             for secret in needs.secrets:
                 res.add(SECRET, secret.name, secret, *origins)
+        for secret in tls.listener_secrets(lst):
+            res.add(SECRET, secret.name, secret, lst.origin)
     for name in sorted(clusters):
         c = clusters[name]
         res.add(CLUSTER, name, cluster(c), c.origin)
+        for secret in tls.cluster_secrets(c):
+            res.add(SECRET, secret.name, secret, c.origin)
         if c.static_ips:
             res.add(ENDPOINT, name, load_assignment(c), c.origin)
     for type_url in TYPE_ORDER:

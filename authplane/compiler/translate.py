@@ -17,12 +17,13 @@ from authplane.compiler.ir import (
     Env,
     FleetIR,
     ListenerIR,
+    ListenerTlsIR,
     Origin,
     RouteIR,
     VirtualHostIR,
     specificity,
 )
-from authplane.policy.documents import Located, PolicySet, Resolved
+from authplane.policy.documents import Located, PolicySet, Resolved, TlsMaterial
 from authplane.policy.model import AuthPolicy, Backend
 
 
@@ -36,10 +37,12 @@ def _checks(p: PolicySet, pol: Located[AuthPolicy], level: str) -> Checks | None
     return Checks(pol.name, level, origin(pol), pol.resource.spec, p.resolved.get(pol.name, Resolved()))
 
 
-def _cluster(item: Located[Backend]) -> ClusterIR:
+def _cluster(item: Located[Backend], p: PolicySet) -> ClusterIR:
     spec = item.resource.spec
+    sni = spec.sni if isinstance(spec.tls, bool) else spec.tls.sni or spec.sni
     return ClusterIR(item.name, tuple(split_address(e) for e in spec.endpoints), spec.protocol == "http2",
-                     spec.connect_timeout, spec.tls, spec.sni, origin(item))
+                     spec.connect_timeout, bool(spec.tls), sni, origin(item),
+                     tls_material=p.backend_tls.get(item.name))
 
 
 def _domain_covers(pattern: str, domain: str) -> bool:
@@ -51,7 +54,7 @@ def _domain_covers(pattern: str, domain: str) -> bool:
 
 def build(p: PolicySet, opts: CompileOptions | None = None) -> dict[str, FleetIR]:
     """Every fleet named by a gateway, with its listeners, routes, checks and clusters."""
-    env = Env(opts or CompileOptions(), {name: _cluster(b) for name, b in p.backends.items()})
+    env = Env(opts or CompileOptions(), {name: _cluster(b, p) for name, b in p.backends.items()})
     fleets: dict[str, FleetIR] = {}
     policy_for: dict[tuple[str, str, str | None], Located[AuthPolicy]] = {
         (x.resource.spec.target_ref.kind, x.resource.spec.target_ref.name, x.resource.spec.target_ref.rule): x
@@ -61,7 +64,13 @@ def build(p: PolicySet, opts: CompileOptions | None = None) -> dict[str, FleetIR
         fleet = fleets.setdefault(gw.resource.spec.fleet, FleetIR(gw.resource.spec.fleet))
         gw_pol = policy_for.get(("Gateway", gw.name, None))
         gw_checks = _checks(p, gw_pol, "gateway") if gw_pol else None
+        https_port = next((x.port for x in gw.resource.spec.listeners if x.protocol == "https"), None)
         for lst in gw.resource.spec.listeners:
+            name = f"{gw.name}/{lst.name}"
+            if lst.redirect_to_https:  # no routes, no checks: a 301 to the https listener
+                fleet.listeners.append(ListenerIR(name, gw.name, lst.address, lst.port, 0, None, (), origin(gw),
+                                                  env=env, redirect_port=https_port))
+                continue
             routes: list[tuple[tuple[str, ...], RouteIR]] = []
             for route in p.routes.values():
                 spec = route.resource.spec
@@ -85,12 +94,13 @@ def build(p: PolicySet, opts: CompileOptions | None = None) -> dict[str, FleetIR
                 members += [r for f in ORDER for r in f.extra_routes(gw_checks, members)]
                 members.sort(key=lambda r: (r.specificity, r.name))
                 vhosts.append(VirtualHostIR(domain, (domain,), tuple(members)))
+            tls = ListenerTlsIR(lst.tls, p.listener_tls.get(name, TlsMaterial())) if lst.tls else None
             fleet.listeners.append(ListenerIR(
-                name=f"{gw.name}/{lst.name}", gateway=gw.name, address=lst.address, port=lst.port,
+                name=name, gateway=gw.name, address=lst.address, port=lst.port,
                 xff_num_trusted_hops=gw.resource.spec.xff_num_trusted_hops, checks=gw_checks,
                 virtual_hosts=tuple(vhosts), origin=origin(gw),
                 case_sensitive=gw.resource.spec.path_matching.case_sensitive,
-                reject_ambiguous=gw.resource.spec.path_matching.reject_ambiguous, env=env))
+                reject_ambiguous=gw.resource.spec.path_matching.reject_ambiguous, env=env, tls=tls))
     for fleet in fleets.values():
         fleet.listeners.sort(key=lambda x: x.name)
         fleet.clusters = dict(sorted(fleet.clusters.items()))

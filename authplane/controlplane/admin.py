@@ -160,6 +160,18 @@ def _acked(node: dict[str, Any]) -> str:
     return " ".join(f"{t}={v or '-'}" for t, v in node["acked"].items()) or "-"
 
 
+def _shadow_lines(shadow: dict[str, Any] | None) -> list[str]:
+    """Policies in shadow (``serve --decision-log``): what each would have denied, and whom."""
+    if not shadow:
+        return []
+    lines = ["", "SHADOW policies (would deny, as Envoys reported; rate: of the requests each one checked):"]
+    lines += table(("POLICY", "WOULD DENY", "DECISIONS", "RATE", "TOP IDENTITIES"),
+                   [(p, str(s["would_deny"]), str(s["decisions"]), f"{s['rate']:.1%}",
+                     ", ".join(f"{i['identity']} ({i['would_deny']})" for i in s["top_identities"][:3]) or "-")
+                    for p, s in shadow.items()])
+    return lines
+
+
 def format_status(doc: dict[str, Any]) -> str:
     """The ``authplane status`` table: fleets, the last reload, and one row per node."""
     git = doc.get("git")
@@ -184,6 +196,7 @@ def format_status(doc: dict[str, Any]) -> str:
                        [(r["id"] or "-", r["fleet"] or "-", r["reason"], str(r["count"]), r["last_at"], r["peer"])
                         for r in refused])
         lines += [f"  {printable(r['id'] or '-')}: {printable(r['message'])}" for r in refused]
+    lines += _shadow_lines(doc.get("shadow"))
     nodes = doc["nodes"]
     lines.append("")
     if not nodes:

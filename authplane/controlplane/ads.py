@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -77,6 +78,8 @@ class XdsServer:
         """TLS on the ADS port (files re-read on change); with a client CA, fleets from certificates."""
         self.credentials: ServerCredentials | None = None
         self._server: grpc.aio.Server | None = None
+        self.services: list[Callable[[grpc.aio.Server], None]] = []
+        """More services on the same port and connections (the decision log's access-log service)."""
 
     async def start(self) -> None:
         tls = self.tls
@@ -84,6 +87,8 @@ class XdsServer:
         self.service.fleets_from_certificates = tls is not None and tls.client_ca is not None
         server = grpc.aio.server(options=SERVER_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.service, server)
+        for register in self.services:
+            register(server)
         try:
             if self.credentials is None:
                 port = server.add_insecure_port(self.requested)

@@ -27,8 +27,10 @@ from authplane.compiler.render import SECTION
 from authplane.controlplane.admin import AdminServer
 from authplane.controlplane.ads import XdsServer
 from authplane.controlplane.cache import SnapshotCache
-from authplane.controlplane.metrics import Metrics
+from authplane.controlplane.decisions import MAX_QUEUE, DecisionLog
+from authplane.controlplane.metrics import DecisionMetrics, Metrics
 from authplane.controlplane.store import PolicyStore, Revision, RevisionHook
+from authplane.controlplane.tls import peer_fleets
 from authplane.controlplane.tracker import Tracker, iso
 from authplane.controlplane.watch import PolicyWatcher
 from authplane.errors import CompileError, PolicyError
@@ -51,6 +53,11 @@ class ServeConfig:
     address_file: str | None = None
     """Written (JSON: xds, admin) once listening: how to find OS-chosen ports (port 0)."""
     watch: bool = True
+    decision_log: str | None = None
+    """``--decision-log PATH`` (``-``: stdout): Envoys report decisions over the xDS connection
+    (``options.decision_log_cluster`` must name the bootstrap's xDS cluster)."""
+    decision_log_queue: int = MAX_QUEUE
+    """Entries waiting for a slow decision-log writer; more are dropped and counted."""
 
 
 class ControlPlane:
@@ -65,6 +72,16 @@ class ControlPlane:
         self.watcher = PolicyWatcher(self.store)
         self.components: list[Component] = [self.xds, self.admin]
         self._started: list[Component] = []
+        self.decisions: DecisionLog | None = None
+        if config.decision_log is not None:
+            self.decisions = DecisionLog(config.decision_log, DecisionMetrics(self.metrics.registry), config.options,
+                                         config.decision_log_queue)
+            self.xds.services.append(self.decisions.register)
+            self.decisions.permitted = self._permitted_fleets
+            self.add_component(self.decisions, on_revision=self.decisions.on_revision)
+
+    def _permitted_fleets(self, context: Any) -> frozenset[str] | None:
+        return peer_fleets(context) if self.xds.service.fleets_from_certificates else None
 
     def add_component(self, component: Component, registry: CollectorRegistry | None = None,
                       on_revision: RevisionHook | None = None) -> None:
@@ -152,6 +169,7 @@ class ControlPlane:
                        for f, s in rev.snapshots.items()},
             "nodes": self.tracker.status(),
             "refused": self.tracker.refused_status(),
+            **({"shadow": self.decisions.status()} if self.decisions is not None else {}),
         }
 
 

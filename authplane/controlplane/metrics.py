@@ -50,6 +50,21 @@ class NodeStates(Collector):
         yield family
 
 
+class DecisionMetrics:
+    """The decision log's (``serve --decision-log``): label values are names of loaded policies
+    and their rules only (``controlplane/decisions.py``), so Envoys cannot add series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter("authplane_decisions", "Requests decided on checked routes, as Envoys report "
+                                 "them, by policy, rule (empty: none named) and verdict (allow, deny, would-deny)",
+                                 ["policy", "rule", "verdict"], registry=registry)
+        self.entries = Counter("authplane_decision_log_entries", "Decision log lines: written, dropped (the "
+                               "writer was behind by the queue's bound) or failed (the file could not be "
+                               "written)", ["result"], registry=registry)
+        for result in ("written", "dropped", "failed"):
+            self.entries.labels(result)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()

@@ -15,11 +15,11 @@ from typing import Any, Generic, TypeVar
 from authplane.errors import Problem
 from authplane.policy.credentials import Entry
 from authplane.policy.files import DEFAULT_MAX_FILE_SIZE
-from authplane.policy.model import AuthPolicy, Backend, Gateway, Route
+from authplane.policy.model import AuthPolicy, Backend, Gateway, PolicyTest, Route
 from authplane.policy.oidc import ResolvedOidc
 from authplane.policy.yamlpos import Document, Path
 
-T = TypeVar("T", Gateway, Backend, Route, AuthPolicy)
+T = TypeVar("T", Gateway, Backend, Route, AuthPolicy, PolicyTest)
 
 
 def relative_to(policy_file: str, rel: str) -> str:
@@ -81,6 +81,28 @@ class Resolved:
     """``oidc``: endpoints (discovery) and secrets."""
 
 
+@dataclass(frozen=True)
+class KeyPair:
+    """A certificate chain and its private key, read and checked by the resolve stage."""
+
+    cert: str
+    """The PEM chain, leaf first."""
+    key: str = field(repr=False)
+    """The PEM private key (reaches Envoy over SDS only)."""
+    dns_names: tuple[str, ...] = ()
+    """The leaf's DNS SANs (the SNI names it is served for)."""
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What the files of one listener's ``tls`` or one Backend's ``tls`` gave."""
+
+    certificates: tuple[KeyPair, ...] = ()
+    """Listener: its certificates in order; Backend: the client certificate, if any."""
+    ca: str | None = None
+    """Listener: the client CA bundle (``clientValidation.caFile``); Backend: ``caFile``."""
+
+
 @dataclass
 class PolicySet:
     """Every valid object of a policy directory, in a stable order (by name)."""
@@ -90,10 +112,17 @@ class PolicySet:
     backends: dict[str, Located[Backend]] = field(default_factory=dict)
     routes: dict[str, Located[Route]] = field(default_factory=dict)
     auth_policies: dict[str, Located[AuthPolicy]] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-    """Other files the policies read (JWKS files ...): path → content, part of the version."""
+    tests: dict[str, Located[PolicyTest]] = field(default_factory=dict)
+    """``PolicyTest`` documents: run by ``authplane test`` only, never compiled."""
+    files: dict[str, str] = field(default_factory=dict, repr=False)
+    """Other files the policies read (JWKS files ...): path → content, part of the version (never
+    in a repr: secrets and private keys are among them)."""
     resolved: dict[str, Resolved] = field(default_factory=dict, repr=False)
     """AuthPolicy name → what its referenced files and OIDC discovery gave (the resolve stage)."""
+    listener_tls: dict[str, TlsMaterial] = field(default_factory=dict, repr=False)
+    """``<gateway>/<listener>`` → its certificates and client CA (``https`` listeners)."""
+    backend_tls: dict[str, TlsMaterial] = field(default_factory=dict, repr=False)
+    """Backend name → its ``tls`` files (CA, client certificate)."""
     warnings: list[Problem] = field(default_factory=list)
     broken: set[tuple[str, str]] = field(default_factory=set)
     """(kind, name) of documents that failed to load: references to them are not reported again."""
@@ -103,7 +132,7 @@ class PolicySet:
 
     def table(self, kind: str) -> dict[str, Located[Any]]:
         return {"Gateway": self.gateways, "Backend": self.backends, "Route": self.routes,
-                "AuthPolicy": self.auth_policies}[kind]
+                "AuthPolicy": self.auth_policies, "PolicyTest": self.tests}[kind]
 
 
 def dotted(path: Iterable[str | int]) -> str:

@@ -2,8 +2,8 @@
 
 Each stage has one module: ``files.py`` reads, ``parse.py`` turns YAML into typed documents with
 positions, ``validate.py`` checks documents against each other, ``resolve.py`` reads the files
-the policies name (and runs OIDC discovery) once. The result, a ``PolicySet``, is all the
-compiler and the decision service read.
+the policies name (and runs OIDC discovery) once; ``lint.py`` adds warnings (static checks). The
+result, a ``PolicySet``, is all the compiler and the decision service read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from authplane.errors import PolicyError, Problem
 from authplane.policy.documents import PolicySet
 from authplane.policy.files import DEFAULT_MAX_FILE_SIZE, policy_files, read_file
+from authplane.policy.lint import lint
 from authplane.policy.parse import hide_secret_files, parse
 from authplane.policy.resolve import resolve
 from authplane.policy.validate import validate
@@ -32,13 +33,14 @@ def load_texts(texts: dict[str, str], root: str = ".", max_file_size: int = DEFA
                 f"(first defined at {first})"))
             continue
         table[item.name] = item
-    for table_name in ("gateways", "backends", "routes", "auth_policies"):
+    for table_name in ("gateways", "backends", "routes", "auth_policies", "tests"):
         table = getattr(policies, table_name)
         setattr(policies, table_name, dict(sorted(table.items())))
     problems += validate(policies)
     problems += resolve(policies)
     if problems:
         raise PolicyError(hide_secret_files(problems, texts, parsed.secret_files))
+    policies.warnings += lint(policies)
     return policies
 
 

@@ -63,6 +63,40 @@ class Metadata(Model):
 # --- Gateway -----------------------------------------------------------------------------------
 
 
+class CertificateFiles(Model):
+    cert_file: Annotated[str, Field(min_length=1)]
+    """PEM certificate (the leaf first, then its intermediates), relative to the policy file."""
+    key_file: Annotated[str, Field(min_length=1)]
+    """PEM private key of the certificate, relative to the policy file. It reaches Envoy over SDS
+    only; ``authplane render`` redacts it unless given ``--show-secrets``."""
+
+
+class ClientValidation(Model):
+    ca_file: Annotated[str, Field(min_length=1)]
+    """PEM bundle of the CAs whose client certificates are accepted, relative to the policy file. A
+    certificate from any other CA fails the handshake, whatever its names."""
+    mode: Literal["require", "optional"] = "require"
+    """``require``: a client without a certificate fails the handshake. ``optional``: it connects,
+    and matches no ``when.clientCert`` condition (a presented certificate must still verify)."""
+
+
+class ListenerTls(Model):
+    """TLS of an ``https`` listener. The files are watched: a replaced certificate is served to new
+    connections without restart; a broken replacement is refused and the last good one kept."""
+
+    certificates: Annotated[list[CertificateFiles], Field(min_length=1)]
+    """Certificates, chosen by the client's SNI from each certificate's DNS names (the first one
+    when no name matches or the client sends no SNI)."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted."""
+    client_validation: ClientValidation | None = None
+    """Verify client certificates (mTLS); authorization rules match their names with
+    ``when.clientCert``."""
+    forward_client_cert: bool = False
+    """Send the verified client certificate's subject, URI and DNS names upstream in
+    ``x-forwarded-client-cert``. A copy sent by the client never reaches the upstream either way."""
+
+
 class Listener(Model):
     name: Name
     """Listener name, unique in the gateway; the Envoy listener is named ``<gateway>/<name>``."""
@@ -70,6 +104,23 @@ class Listener(Model):
     """TCP port Envoy listens on."""
     address: IPAddress = "0.0.0.0"
     """Address Envoy binds."""
+    protocol: Literal["http", "https"] = "http"
+    """``https`` terminates TLS (set ``tls``)."""
+    tls: ListenerTls | None = None
+    """``protocol: https``: certificates, minimum version, client certificate validation."""
+    redirect_to_https: bool = False
+    """``protocol: http``: answer every request with a 301 to the same host and path on the
+    gateway's (first) ``https`` listener's port, with no check run."""
+
+    @model_validator(mode="after")
+    def _tls(self) -> Listener:
+        if self.protocol == "https" and self.tls is None:
+            raise ValueError("protocol: https needs tls (certificates)")
+        if self.protocol == "http" and self.tls is not None:
+            raise ValueError("tls needs protocol: https")
+        if self.protocol == "https" and self.redirect_to_https:
+            raise ValueError("redirectToHttps is for a protocol: http listener")
+        return self
 
 
 class PathMatching(Model):
@@ -86,7 +137,7 @@ class GatewaySpec(Model):
     fleet: Name
     """Envoys whose ``node.cluster`` equals this value receive this gateway."""
     listeners: Annotated[list[Listener], Field(min_length=1)]
-    """Plain-HTTP listeners of the gateway."""
+    """Listeners of the gateway (plain HTTP unless ``protocol: https``)."""
     xff_num_trusted_hops: Annotated[int, Field(ge=0, le=10)] = 0
     """Number of trusted proxies in front of Envoy whose ``x-forwarded-for`` entries are believed.
     0 (default): the client address is the TCP peer and ``x-forwarded-for`` from clients is ignored
@@ -98,6 +149,29 @@ class GatewaySpec(Model):
 # --- Backend -----------------------------------------------------------------------------------
 
 
+class BackendTls(Model):
+    """Upstream TLS. The endpoints' certificate is always verified (against ``caFile``, else the
+    system trust store) and must name ``sni``. Files are relative to the policy file, watched, and
+    reach Envoy over SDS."""
+
+    ca_file: Annotated[str, Field(min_length=1)] | None = None
+    """PEM bundle of the CAs the endpoints' certificates must chain to (default: the system trust
+    store)."""
+    cert_file: Annotated[str, Field(min_length=1)] | None = None
+    """Client certificate (PEM) presented to the endpoints: mTLS to the upstream."""
+    key_file: Annotated[str, Field(min_length=1)] | None = None
+    """Private key (PEM) of ``certFile``."""
+    sni: str | None = None
+    """SNI sent and DNS name the endpoints' certificate must carry (default: the Backend's ``sni``,
+    else the first endpoint's host)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> BackendTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both certFile and keyFile, or neither")
+        return self
+
+
 class BackendSpec(Model):
     endpoints: Annotated[list[Endpoint], Field(min_length=1)]
     """``host:port`` of each upstream instance; IP endpoints are served over EDS, hostnames are
@@ -106,8 +180,9 @@ class BackendSpec(Model):
     """``http2`` speaks cleartext HTTP/2 (h2c), needed for gRPC services."""
     connect_timeout: Duration = 2.0
     """Upstream connect timeout."""
-    tls: bool = False
-    """Connect to the endpoints with TLS."""
+    tls: bool | BackendTls = False
+    """Connect to the endpoints with TLS, verifying their certificate: ``true`` with the system
+    trust store, or ``{caFile, certFile, keyFile, sni}``."""
     sni: str | None = None
     """SNI and certificate name to use with ``tls`` (default: the first endpoint's host)."""
 
@@ -248,6 +323,14 @@ class Jwt(Model):
     """false: a request without a token passes this check; a present but bad token never does."""
 
 
+class ClientCert(Model):
+    sans: Annotated[list[Annotated[str, Field(pattern=r"^\S+$")]], Field(min_length=1)]
+    """Any of these names among the certificate's URI and DNS SANs (SPIFFE IDs included): exact
+    values, or prefixes written with a trailing ``*`` (``spiffe://corp.example/ns/prod/*``; ``*``
+    alone: any verified certificate). Envoy falls back to the certificate's subject
+    (``CN=...,O=...``) when a certificate has no SAN that matches."""
+
+
 class Conditions(Model):
     """All given kinds must match; within one kind, any listed value matches."""
 
@@ -268,6 +351,9 @@ class Conditions(Model):
     scopes: list[Scope] = []
     """OAuth scopes the verified JWT must all carry, in its ``scope`` or ``scp`` claim (a
     space-delimited string or an array of strings)."""
+    client_cert: ClientCert | None = None
+    """The verified client certificate (listeners with ``tls.clientValidation``); a request
+    without one matches no ``clientCert`` condition. Authorization rules only."""
     not_: Annotated[Conditions | None, Field(alias="not")] = None
     """Conditions that must not match (all of its kinds together), e.g.
     ``not: {headers: {x-internal: [{present: true}]}}``."""
@@ -289,7 +375,7 @@ class Conditions(Model):
 
     def is_empty(self) -> bool:
         return not (self.claims or self.headers or self.source_cidrs or self.methods or self.paths
-                    or self.scopes or self.not_ or self.cel is not None)
+                    or self.scopes or self.not_ or self.cel is not None or self.client_cert is not None)
 
     def nested(self) -> Iterator[Conditions]:
         """These conditions and those under ``not``, outermost first."""
@@ -309,6 +395,10 @@ class AuthorizationRule(Model):
     """Deny rules win over allow rules."""
     when: Conditions = Conditions()
     """Conditions; empty matches every request."""
+    mode: Literal["enforce", "shadow"] = "enforce"
+    """``shadow``: the rule is evaluated and its would-be outcome recorded, but enforcement goes on
+    as if the rule were not there (a shadow deny rule never denies; a shadow allow rule allows
+    nothing yet). Recorded as the level's RBAC shadow result (``authplane/contract.py``)."""
 
 
 class Authorization(Model):
@@ -494,11 +584,20 @@ class ExtAuthConditions(Conditions):
 
     api_keys: list[str] = []
     """A valid API key (see ``extAuth.apiKeys``) of one of these clients; ``"*"``: any client."""
+    client_cert: ClientCert | None = None
+    """Not available in builtin rules: use ``authorization`` rules (Envoy sees the certificate)."""
     authenticated: bool | None = None
     """true: the request carries a verified JWT or a valid API key; false: it carries neither."""
     not_: Annotated[ExtAuthConditions | None, Field(alias="not")] = None
     """Conditions that must not match (all of its kinds together), e.g.
     ``not: {headers: {x-internal: [{present: true}]}}``."""
+
+    @field_validator("client_cert")
+    @classmethod
+    def _no_client_cert(cls, value: ClientCert | None) -> ClientCert | None:
+        if value is not None:
+            raise ValueError("clientCert conditions are for authorization rules (Envoy RBAC), not extAuth rules")
+        return value
 
     def is_empty(self) -> bool:
         return super().is_empty() and not self.api_keys and self.authenticated is None
@@ -647,6 +746,93 @@ class AuthPolicySpec(Model):
     satisfy: Satisfy = Satisfy()
     """``all`` (default) or ``any``: whether every credential check (``jwt``, ``apiKey``,
     ``basicAuth``) must pass, or one valid credential among them is enough (see ``Satisfy``)."""
+    mode: Literal["enforce", "shadow"] = "enforce"
+    """``shadow``: every check of the policy is evaluated and its outcome recorded (would-deny),
+    but none denies; a gateway-level policy that enforces still does. Flip it with an ordinary
+    edit. How each check does it and what it costs: docs/shadow-mode.md. Not with ``oidc``,
+    ``satisfy: any`` or a gRPC Backend ``extAuth`` service."""
+
+    @model_validator(mode="after")
+    def _shadow_checks(self) -> AuthPolicySpec:
+        if self.mode == "shadow":
+            if self.oidc is not None:
+                raise ValueError("mode: shadow does not apply to oidc (a sign-in redirect cannot be recorded)")
+            if self.satisfy.mode == "any":
+                raise ValueError("mode: shadow does not combine with satisfy: any")
+            ext = self.ext_auth
+            if ext is not None and ext.service != "builtin" and ext.protocol == "grpc":
+                raise ValueError("mode: shadow needs an HTTP extAuth Backend (protocol: http): Envoy "
+                                 "cannot let a gRPC service's denial pass")
+        return self
+
+
+# --- PolicyTest --------------------------------------------------------------------------------
+
+
+class PolicyTestJwt(Model):
+    """A JWT minted for the case with a key ``authplane test`` generates: every provider is
+    re-keyed to it for the run, so the policy's real keys are not needed."""
+
+    provider: Name
+    """The ``jwt`` provider the token is for: its ``issuer``, first audience and ``from`` are used."""
+    policy: Name | None = None
+    """The AuthPolicy holding the provider (default: the first, by name, with a provider of that name)."""
+    claims: dict[str, Any] = {}
+    """Claims of the token (``sub``, ``groups`` ...); ``iss``, ``aud``, ``iat`` and ``exp`` are set
+    unless given."""
+
+
+class PolicyTestRequest(Model):
+    method: Method = "GET"
+    """HTTP method."""
+    path: Annotated[str, Field(pattern=r"^/\S*$")]
+    """Path, with the query string if any."""
+    host: str | None = None
+    """Host header (default: the first hostname of the fleet's first listener's routes; ``test``
+    for ``*``)."""
+    headers: dict[HeaderName, str] = {}
+    """Request headers."""
+    jwt: PolicyTestJwt | None = None
+    """Send a token minted for a provider, where the provider reads it (default ``Authorization:
+    Bearer``)."""
+
+
+class PolicyTestExpect(Model):
+    status: Status
+    """The response status the client gets."""
+    upstream_headers: dict[HeaderName, str | None] = {}
+    """Headers the upstream must receive with exactly this value; ``null``: must not receive."""
+
+
+class PolicyTestCase(Model):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    """Case name, unique in the document; reported on failure and in JUnit XML."""
+    request: PolicyTestRequest
+    """The request sent to the gateway."""
+    expect: PolicyTestExpect
+    """What the client and the upstream see."""
+
+
+class PolicyTestSpec(Model):
+    """Cases run by ``authplane test`` through a real Envoy with the compiled configuration, the
+    builtin decision service and an upstream that echoes what it receives. Ignored by validate,
+    render and serve."""
+
+    fleet: Name
+    """The fleet whose configuration is tested; requests go to its first plain-HTTP listener."""
+    stubs: dict[Name, Literal["allow", "deny"]] = {}
+    """Backends used as your own ext_authz service, replaced for the run by a stub that allows
+    or denies (403) every check."""
+    cases: Annotated[list[PolicyTestCase], Field(min_length=1)]
+    """The requests and what they must get."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PolicyTestSpec:
+        names = [c.name for c in self.cases]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"case names must be unique: {dup!r} is used twice")
+        return self
 
 
 # --- documents ---------------------------------------------------------------------------------
@@ -678,9 +864,20 @@ class AuthPolicy(_Document):
     spec: AuthPolicySpec
 
 
+class PolicyTest(_Document):
+    kind: Literal["PolicyTest"]
+    """``PolicyTest``: run by ``authplane test``, ignored by validate, render and serve."""
+    metadata: Metadata
+    """The suite's name, unique among PolicyTest documents (the JUnit testsuite's name)."""
+    spec: PolicyTestSpec
+    """The fleet, the stubs and the cases."""
+
+
 KINDS: dict[str, type[_Document]] = {
     "Gateway": Gateway, "Backend": Backend, "Route": Route, "AuthPolicy": AuthPolicy,
 }
+DOCUMENT_KINDS: dict[str, type[_Document]] = {**KINDS, "PolicyTest": PolicyTest}
+"""Every kind a policy file may hold: the policy kinds and ``PolicyTest`` (run by ``authplane test``)."""
 assert API_VERSION == "authplane.dev/v1alpha1"
 
-PolicyDocument = Annotated[Gateway | Backend | Route | AuthPolicy, Field(discriminator="kind")]
+PolicyDocument = Annotated[Gateway | Backend | Route | AuthPolicy | PolicyTest, Field(discriminator="kind")]

@@ -17,7 +17,7 @@ import pydantic
 from authplane.contract import API_VERSION
 from authplane.errors import Problem
 from authplane.policy.documents import Located, Source, dotted, relative_to
-from authplane.policy.model import KINDS, SecretRef
+from authplane.policy.model import DOCUMENT_KINDS, KINDS, SecretRef
 from authplane.policy.yamlpos import Document, YamlProblem, load_documents
 
 
@@ -134,14 +134,14 @@ def _check_document(path: str, doc: Document, out: list[Problem],
         msg = "missing required field" if got is None else f"must be {API_VERSION}, got {_Quoted(got)!r}"
         out.append(src.problem(("apiVersion",), msg, key=got is None))
     kind = data.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
+    if not isinstance(kind, str) or kind not in DOCUMENT_KINDS:
         msg = ("missing required field" if kind is None
                else f"unknown kind {_Quoted(kind)!r}: expected one of {', '.join(KINDS)}")
         out.append(src.problem(("kind",), msg))
         return None
     if len(out) > problems_before:
         return None
-    model = KINDS[kind]
+    model = DOCUMENT_KINDS[kind]
     try:
         obj = model.model_validate(data)
     except pydantic.ValidationError as e:

@@ -12,7 +12,7 @@ import pydantic
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from authplane.policy.model import KINDS, Metadata
+from authplane.policy.model import DOCUMENT_KINDS, Metadata
 from authplane.policy.types import format_duration
 
 EXAMPLE = """\
@@ -107,6 +107,14 @@ Each document has `apiVersion: authplane.dev/v1alpha1`, a `kind`, `metadata.name
 kind) and a `spec`. Unknown fields are errors. Durations are written with a unit: `200ms`,
 `30s`, `5m`, `1h`.
 
+| Field | Type | Default | Description |
+|---|---|---|---|
+| `apiVersion` | `authplane.dev/v1alpha1` | **required** | The version of this format. |
+| `kind` | `Gateway` \\| `Backend` \\| `Route` \\| `AuthPolicy` \\| `PolicyTest` | **required** | What the \
+document is. `PolicyTest` documents are run by `authplane test` only ([Testing policies](testing-policies.md)). |
+| `metadata` | [Metadata](#metadata) | **required** | Its name and labels. |
+| `spec` | mapping | **required** | The spec of its kind, below. |
+
 ## A complete example
 
 ```yaml
@@ -175,7 +183,7 @@ def _models() -> list[type[pydantic.BaseModel]]:
                 visit(inner)
 
     visit(Metadata)
-    for kind in KINDS.values():
+    for kind in DOCUMENT_KINDS.values():
         visit(kind.model_fields["spec"].annotation)
     return seen
 
@@ -188,7 +196,7 @@ def _inner(annotation: Any) -> list[type[pydantic.BaseModel]]:
 
 def generate() -> str:
     out = [INTRO.format(example=EXAMPLE)]
-    kinds = {kind.model_fields["spec"].annotation: name for name, kind in KINDS.items()}
+    kinds = {kind.model_fields["spec"].annotation: name for name, kind in DOCUMENT_KINDS.items()}
     for model in _models():
         out.append(f"## {model.__name__}\n")
         if model in kinds:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from authplane.errors import Problem
+from authplane.policy.certificates import CertificateError, ca_bundle, key_pair
 from authplane.policy.credentials import (
     Entry,
     KeyFileError,
@@ -20,9 +21,9 @@ from authplane.policy.credentials import (
     parse_htpasswd,
     parse_key_file,
 )
-from authplane.policy.documents import Located, PolicySet, Resolved
+from authplane.policy.documents import KeyPair, Located, PolicySet, Resolved, TlsMaterial
 from authplane.policy.files import read_file
-from authplane.policy.model import AuthPolicy
+from authplane.policy.model import AuthPolicy, Backend, Gateway
 from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
 from authplane.policy.oidc import endpoints as oidc_endpoints
 
@@ -52,10 +53,14 @@ def resolve(p: PolicySet) -> list[Problem]:
             ext_keys=_ext_keys(p, pol, out) if spec.ext_auth and spec.ext_auth.api_keys else None,
             oidc=_oidc(p, pol, out) if spec.oidc else None,
         )
+    for gw in p.gateways.values():
+        _listener_tls(p, gw, out)
+    for backend in p.backends.values():
+        _backend_tls(p, backend, out)
     return out
 
 
-def _read(p: PolicySet, pol: Located[AuthPolicy], rel: str, where: tuple[Any, ...], what: str,
+def _read(p: PolicySet, pol: Located[Any], rel: str, where: tuple[Any, ...], what: str,
           out: list[Problem]) -> tuple[str, str] | None:
     """(path, text) of a file the policy names, recorded in ``p.files``; None (with a problem)
     when it cannot be read."""
@@ -178,3 +183,75 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
         return None
     client = secrets["clientSecret"]
     return ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec))
+
+
+def _pem(p: PolicySet, item: Located[Any], rel: str, where: tuple[Any, ...], what: str,
+         out: list[Problem]) -> str | None:
+    """A PEM file's text, recorded in ``p.files`` (watched: a rotation is a reload)."""
+    read = _read(p, item, rel, where, what, out)
+    if read is None:
+        return None
+    p.files[read[0]] = read[1]
+    return read[1]
+
+
+def _pair(p: PolicySet, item: Located[Any], cert_file: str, key_file: str, where: tuple[Any, ...],
+          out: list[Problem]) -> KeyPair | None:
+    """A checked certificate and key; any problem is reported at ``certFile`` (``where``)."""
+    cert = _pem(p, item, cert_file, where, "certFile ", out)
+    key = _pem(p, item, key_file, where, "keyFile ", out)
+    if cert is None or key is None:
+        return None
+    try:
+        return key_pair(cert, key, cert_file, key_file)
+    except CertificateError as e:
+        out.append(item.source.problem(where, str(e)))
+        return None
+
+
+def _ca(p: PolicySet, item: Located[Any], rel: str, where: tuple[Any, ...], out: list[Problem]) -> str | None:
+    text = _pem(p, item, rel, where, "caFile ", out)
+    try:
+        return ca_bundle(text, rel) if text is not None else None
+    except CertificateError as e:
+        out.append(item.source.problem(where, str(e)))
+        return None
+
+
+def _listener_tls(p: PolicySet, gw: Located[Gateway], out: list[Problem]) -> None:
+    """Every ``https`` listener's certificates (no DNS name served by two of them) and client CA."""
+    for i, lst in enumerate(gw.resource.spec.listeners):
+        if lst.tls is None:
+            continue
+        where = ("spec", "listeners", i, "tls")
+        pairs: list[KeyPair] = []
+        named: dict[str, int] = {}
+        for j, files in enumerate(lst.tls.certificates):
+            at = (*where, "certificates", j, "certFile")
+            pair = _pair(p, gw, files.cert_file, files.key_file, at, out)
+            if pair is None:
+                continue
+            for name in pair.dns_names:
+                if name in named:
+                    out.append(gw.source.problem(at, f"{name!r} is also a name of certificate {named[name]}: "
+                                                     "SNI could not choose between them"))
+                named.setdefault(name, j)
+            if j > 0 and not pair.dns_names:
+                p.warnings.append(gw.source.problem(at, "the certificate has no DNS name: no client's SNI "
+                                                        "selects it (only the first certificate is the default)"))
+            pairs.append(pair)
+        validation = lst.tls.client_validation
+        ca = _ca(p, gw, validation.ca_file, (*where, "clientValidation", "caFile"), out) if validation else None
+        p.listener_tls[f"{gw.name}/{lst.name}"] = TlsMaterial(tuple(pairs), ca)
+
+
+def _backend_tls(p: PolicySet, backend: Located[Backend], out: list[Problem]) -> None:
+    tls = backend.resource.spec.tls
+    if isinstance(tls, bool):
+        return
+    where = ("spec", "tls")
+    ca = _ca(p, backend, tls.ca_file, (*where, "caFile"), out) if tls.ca_file else None
+    pair = None
+    if tls.cert_file and tls.key_file:
+        pair = _pair(p, backend, tls.cert_file, tls.key_file, (*where, "certFile"), out)
+    p.backend_tls[backend.name] = TlsMaterial((pair,) if pair else (), ca)

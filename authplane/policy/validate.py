@@ -24,6 +24,7 @@ def validate(p: PolicySet) -> list[Problem]:
     _gateways(p, problems)
     _routes(p, problems)
     _policies(p, problems)
+    _client_cert_rules(p)
     return problems
 
 
@@ -45,6 +46,9 @@ def _gateways(p: PolicySet, out: list[Problem]) -> None:
                     f"{other.name!r} listener {j} ({other.source})"))
             else:
                 bound[key] = (gw, i)
+            if lst.redirect_to_https and not any(x.protocol == "https" for x in gw.resource.spec.listeners):
+                out.append(gw.source.problem(("spec", "listeners", i, "redirectToHttps"),
+                                             "redirectToHttps needs a protocol: https listener in the gateway"))
 
 
 def _routes(p: PolicySet, out: list[Problem]) -> None:
@@ -279,3 +283,24 @@ def _builtin_rules(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -
                    "headers, sourceCIDRs, methods, paths; 403 on deny): native rules keep ~88% of "
                    "Envoy's throughput, a decision service call costs far more "
                    "(see docs/decision-service.md)"))
+
+
+def _client_cert_rules(p: PolicySet) -> None:
+    """Warn about ``clientCert`` rules that can never match: no listener of the gateway the policy
+    applies to verifies client certificates."""
+    for pol in p.auth_policies.values():
+        spec = pol.resource.spec
+        rules = spec.authorization.rules if spec.authorization else []
+        uses = [i for i, r in enumerate(rules) if any(c.client_cert for c in r.when.nested())]
+        ref = spec.target_ref
+        route = p.routes.get(ref.name) if ref.kind == "Route" else None
+        gateway = p.gateways.get(route.resource.spec.gateway if route else ref.name)
+        if not uses or gateway is None or (ref.kind == "Route" and route is None):
+            continue
+        names = route.resource.spec.listeners if route else None
+        if not any(lst.tls and lst.tls.client_validation for lst in gateway.resource.spec.listeners
+                   if names is None or lst.name in names):
+            p.warnings.append(pol.source.problem(
+                ("spec", "authorization", "rules", uses[0], "when"),
+                f"clientCert conditions never match: no listener of Gateway {gateway.name!r} this policy "
+                "applies to has tls.clientValidation"))

@@ -33,12 +33,42 @@ from tests.support.ports import closed_port, wait_for
 T = TypeVar("T")
 
 
+def add_access_log(boot: Any, path: str, fields: dict[str, str]) -> None:
+    """A JSON-lines file access log (``fields``: key → Envoy format command) on every listener."""
+    from envoy.config.accesslog.v3 import accesslog_pb2
+    from envoy.config.core.v3 import substitution_format_string_pb2 as fmt
+    from envoy.extensions.access_loggers.file.v3 import file_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm,
+    )
+    from google.protobuf import struct_pb2
+
+    from authplane.compiler.protos import pack
+
+    layout = struct_pb2.Struct()
+    layout.update(fields)
+    log = accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=pack(file_pb2.FileAccessLog(
+        path=path, log_format=fmt.SubstitutionFormatString(json_format=layout))))
+    for lst in boot.static_resources.listeners:
+        for chain in lst.filter_chains:
+            for f in chain.filters:
+                if f.typed_config.Is(hcm.HttpConnectionManager.DESCRIPTOR):
+                    cfg = hcm.HttpConnectionManager()
+                    f.typed_config.Unpack(cfg)
+                    cfg.access_log.append(log)
+                    f.typed_config.CopyFrom(pack(cfg))
+
+
 def start_static_envoy(policy_dir: str, fleet: str, tmp: str,
-                       opts: CompileOptions | None = None) -> EnvoyProcess:
+                       opts: CompileOptions | None = None,
+                       access_log: tuple[str, dict[str, str]] | None = None) -> EnvoyProcess:
     """Compile, turn the fleet's snapshot into a static bootstrap on OS-chosen ports, start Envoy.
-    ``opts`` points the builtin decision service clusters at a test server's ports."""
+    ``opts`` points the builtin decision service clusters at a test server's ports; ``access_log``
+    (path, fields) adds a JSON file access log (``add_access_log``)."""
     snap = compile_policies(load_dir(policy_dir), opts)[fleet]
     boot = static_bootstrap(snap)
+    if access_log:
+        add_access_log(boot, *access_log)
     boot.admin.address.socket_address.address = "127.0.0.1"
     boot.admin.address.socket_address.port_value = 0
     for lst in boot.static_resources.listeners:
@@ -47,7 +77,8 @@ def start_static_envoy(policy_dir: str, fleet: str, tmp: str,
     path = os.path.join(tmp, f"{fleet}-bootstrap.yaml")
     with open(path, "w") as f:
         f.write(dump(to_dict(boot)))
-    envoy = EnvoyProcess(path)
+    # An access log is read back by the test: flush it every 50 ms, not Envoy's default 10 s.
+    envoy = EnvoyProcess(path, extra_args=["--file-flush-interval-msec", "50"] if access_log else None)
     envoy.start()
     try:
         envoy.wait_ready()

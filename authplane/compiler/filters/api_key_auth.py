@@ -4,12 +4,20 @@ Like RBAC, one instance checks the gateway level and another the route level, bo
 connection manager and enabled where a policy applies with ``ApiKeyAuthPerRoute`` (keys, key
 source, allowed clients, client-name header, hiding), so a key file change reaches open connections.
 
+``mode: shadow``: Envoy's filter always denies a missing or unknown key, so the level's instance
+stays off and a recorder (an RBAC instance with shadow rules only) notes a would-deny unless the
+request carries a key of an allowed client where the policy reads it (the keys are matched in
+RBAC as they already travel in the filter's RDS config). The cost: in shadow the key is neither
+hidden nor is ``clientHeader`` set.
+
 Hiding: Envoy removes the key right after its own check. When both levels read the key from the
 same place, the gateway instance on that route must leave it for the route instance, which then
 removes it if either level hides it.
 """
 
 from __future__ import annotations
+
+import re
 
 from envoy.extensions.filters.http.api_key_auth.v3 import api_key_auth_pb2 as ak
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -18,13 +26,36 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2
 
 from authplane.compiler.filters.base import Filter, PerFilterConfig, disable, enable, http_filter
+from authplane.compiler.filters.rbac import header_regex, recorder_name, shadow_record, shadow_recorder
 from authplane.compiler.ir import LEVELS, Checks, ListenerIR, RouteIR
 from authplane.compiler.satisfy import API_KEY, is_any, variant_of
+from authplane.contract import MODE_SHADOW
 from authplane.policy.model import ApiKey
 
 
 def _api_key(checks: Checks | None) -> ApiKey | None:
-    return checks.spec.api_key if checks else None
+    """The level's enforced ``apiKey`` section (a shadow one is only recorded, ``_record``)."""
+    return checks.spec.api_key if checks and checks.spec.mode != MODE_SHADOW else None
+
+
+def _shadow(checks: Checks | None) -> bool:
+    return checks is not None and checks.spec.api_key is not None and checks.spec.mode == MODE_SHADOW
+
+
+def _record(checks: Checks) -> PerFilterConfig:
+    """A shadow ``apiKey`` level: allowed when the request carries a key of an allowed client."""
+    spec = checks.spec.api_key
+    assert spec is not None
+    keys = [re.escape(k.secret) for k in checks.resolved.keys if not spec.clients or k.name in spec.clients]
+    key = f"(?:{'|'.join(keys) or '$^'})"
+    kind, name = spec.source
+    if kind == "header":
+        passed = header_regex(name, f"(?:[Bb]earer )?{key}")
+    elif kind == "query":
+        passed = header_regex(":path", f"[^?]*\\?(?:.*&)?{re.escape(name)}={key}(?:&.*)?")
+    else:
+        passed = header_regex("cookie", f"(?:.*; *)?{re.escape(name)}={key}(?:;.*)?")
+    return {recorder_name("apiKey", checks.level): shadow_record("apiKey", checks, passed)}
 
 
 def _per_route(checks: Checks, hide: bool) -> any_pb2.Any:
@@ -43,11 +74,15 @@ class ApiKeyAuth(Filter):
     prefix = "envoy.filters.http.api_key_auth"
 
     def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
-        levels = {c.level for c in lst.all_checks() if c.spec.api_key is not None}
-        return [http_filter(self.name(lvl), ak.ApiKeyAuth(), disabled=True) for lvl in LEVELS if lvl in levels]
+        levels = {c.level for c in lst.all_checks() if c.spec.api_key is not None and not _shadow(c)}
+        shadow = {c.level for c in lst.all_checks() if _shadow(c)}
+        return [*(http_filter(self.name(lvl), ak.ApiKeyAuth(), disabled=True) for lvl in LEVELS if lvl in levels),
+                *(shadow_recorder(recorder_name("apiKey", lvl)) for lvl in LEVELS if lvl in shadow)]
 
     def vhost_config(self, lst: ListenerIR) -> PerFilterConfig:
         gw = _api_key(lst.checks)
+        if lst.checks is not None and _shadow(lst.checks):
+            return _record(lst.checks)
         if lst.checks is None or gw is None:
             return {}
         return {self.name("gateway"): _per_route(lst.checks, hide=not gw.forward)}
@@ -63,6 +98,8 @@ class ApiKeyAuth(Filter):
                 out[self.name("gateway")] = disable()
             if rt is not None and is_any(route.checks) and ("route", API_KEY) not in v.enabled:
                 rt = None
+        if route.checks is not None and _shadow(route.checks):
+            out.update(_record(route.checks))
         if route.checks is None or rt is None:
             return out
         shared = gw is not None and gw.source == rt.source and not gw.forward

@@ -12,6 +12,14 @@ travels in the per-route path prefix (``/envoy/<policy>``); Envoy sends the requ
 adds the client address and the verified JWT payload from its own state (never a client's copy);
 only the headers the policy's rules set may reach the upstream or the client.
 
+``mode: shadow``: the builtin decision service answers allow and reports the would-deny in the
+check response (``authplane/contract.py``); a recorder (RBAC shadow rules, after the checks) notes
+it. Envoy's ext_authz has no way to let a denial pass, so a Backend service in shadow is not
+given to it: a Lua instance (``_BYO_SHADOW``) calls the service over HTTP with the request's
+headers, ignores its answer but for recording a non-200 as the same would-deny report. The cost:
+a Lua call per request, the service's headers never reach the upstream, and a gRPC Backend
+cannot be shadowed (the policy is refused: Lua speaks no gRPC).
+
 The service's cluster (``resources``) is authplane's own decision service, at the address of
 ``CompileOptions``, or the cluster of the Backend the policy names.
 """
@@ -19,32 +27,42 @@ The service's cluster (``resources``) is authplane's own decision service, at th
 from __future__ import annotations
 
 import hashlib
+import json
 
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, http_uri_pb2
+from envoy.config.rbac.v3 import rbac_pb2 as rbac
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as ea
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from authplane.addresses import split_address
 from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, enable, http_filter
-from authplane.compiler.ir import Checks, ClusterIR, ListenerIR
+from authplane.compiler.filters.rbac import recorder_name, shadow_record, shadow_recorder
+from authplane.compiler.ir import LEVELS, Checks, ClusterIR, ListenerIR
 from authplane.compiler.protos import duration
 from authplane.contract import (
     BUILTIN_HTTP_PREFIX,
     CLIENT_IP_HEADER,
+    EXT_AUTHZ_FILTER,
     JWT_FILTER,
     JWT_PAYLOAD_HEADER,
     JWT_PAYLOAD_KEY,
     LEVEL_KEY,
+    MODE_SHADOW,
     POLICY_KEY,
     RESERVED_HEADERS,
     RULES_KEY,
+    SHADOW_POLICY_KEY,
+    SHADOW_RULE_KEY,
+    SHADOW_VERDICT_KEY,
     TARGET_KEY,
+    WOULD_DENY,
 )
 from authplane.policy.model import AuthPolicySpec, ExtAuth
 
@@ -110,9 +128,73 @@ def _service(checks: Checks, route: bool) -> grpc_service_pb2.GrpcService | ea.H
             _exact(http.authorization_response, "allowed_upstream_headers", s.upstream_headers())
             _exact(http.authorization_response, "allowed_client_headers_on_success",
                    s.response_headers())
+            if checks.spec.mode == MODE_SHADOW:
+                # The shadow report (response headers) becomes metadata and never goes upstream.
+                _exact(http.authorization_response, "dynamic_metadata_from_headers", list(_REPORT))
+                if not s.upstream_headers():
+                    _exact(http.authorization_response, "allowed_upstream_headers", [_NO_HEADER])
     else:
         _exact(http.authorization_response, "allowed_upstream_headers", s.headers_to_upstream)
     return http
+
+
+_REPORT = (SHADOW_VERDICT_KEY, SHADOW_POLICY_KEY, SHADOW_RULE_KEY)
+_NO_HEADER = "x-authplane-no-header"
+"""Matches no header the decision service sets: Envoy sends every response header upstream when
+``allowed_upstream_headers`` is unset."""
+
+
+def _recorded(checks: Checks) -> PerFilterConfig:
+    """A shadow ``service: builtin`` level: the recorder notes the decision service's would-deny."""
+    report = metadata_pb2.MetadataMatcher(
+        filter=EXT_AUTHZ_FILTER, path=[metadata_pb2.MetadataMatcher.PathSegment(key=SHADOW_VERDICT_KEY)],
+        value=value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=WOULD_DENY)))
+    would_deny = rbac.Principal(sourced_metadata=rbac.SourcedMetadata(metadata_matcher=report))
+    return {recorder_name("extAuth", checks.level): shadow_record("extAuth", checks, rbac.Principal(not_id=would_deny))}
+
+
+_LUA = "envoy.filters.http.lua.shadow.extAuth"
+_LUA_IDLE = "function envoy_on_request(handle) end\n"
+_BYO_SHADOW = """\
+-- authplane: a shadow check of the ext_authz service {cluster} (policy {policy}); never denies
+function envoy_on_request(handle)
+  local call = {{}}
+  for name, value in pairs(handle:headers()) do
+    if string.sub(name, 1, 1) ~= ":" and name ~= "content-length" then call[name] = value end
+  end
+  call[":method"] = handle:headers():get(":method")
+  call[":path"] = {prefix} .. handle:headers():get(":path")
+  call[":authority"] = {cluster}
+  local ok, headers = pcall(handle.httpCall, handle, {cluster}, call, "", {timeout_ms})
+  if not ok or headers[":status"] ~= "200" then
+    local metadata = handle:streamInfo():dynamicMetadata()
+    metadata:set({namespace}, {verdict_key}, {verdict})
+    metadata:set({namespace}, {policy_key}, {policy})
+    metadata:set({namespace}, {rule_key}, "")
+  end
+end
+"""
+
+
+def _lua(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Lua string literal for these names
+
+
+def _byo_shadow(checks: Checks) -> PerFilterConfig:
+    """A shadow Backend service: the Lua instance calls it and records a would-deny."""
+    s = _spec(checks)
+    script = _BYO_SHADOW.format(
+        cluster=_lua(s.service), policy=_lua(checks.policy), prefix=_lua(s.path_prefix or ""),
+        timeout_ms=round(s.timeout * 1000), namespace=_lua(EXT_AUTHZ_FILTER),
+        verdict_key=_lua(SHADOW_VERDICT_KEY), verdict=_lua(WOULD_DENY), policy_key=_lua(SHADOW_POLICY_KEY),
+        rule_key=_lua(SHADOW_RULE_KEY))
+    per_route = lua_pb2.LuaPerRoute(source_code=base_pb2.DataSource(inline_string=script))
+    return {f"{_LUA}.{checks.level}": enable(per_route)}
+
+
+def _byo(checks: Checks) -> bool:
+    """A Backend service of a policy in shadow (run by Lua, not by an ext_authz instance)."""
+    return checks.spec.mode == MODE_SHADOW and _spec(checks).service != "builtin"
 
 
 _BUILTIN_CHECK_HEADERS = (
@@ -176,12 +258,24 @@ class ExtAuthz(Filter):
     def http_filters(self, lst: ListenerIR) -> list[hcm.HttpFilter]:
         first: dict[str, Checks] = {}
         for checks in _ext(lst):
-            first.setdefault(self._instance(checks), checks)
+            if not _byo(checks):
+                first.setdefault(self._instance(checks), checks)
         ordered = sorted(first.items(), key=lambda kv: (kv[1].level != "gateway", kv[0]))
-        return [http_filter(n, _filter(checks), disabled=True) for n, checks in ordered]
+        shadow = {c.level for c in _ext(lst) if c.spec.mode == MODE_SHADOW}
+        byo = {c.level for c in _ext(lst) if _byo(c)}
+        idle = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=_LUA_IDLE))
+        return [*(http_filter(n, _filter(checks), disabled=True) for n, checks in ordered),
+                *(http_filter(f"{_LUA}.{lvl}", idle, disabled=True) for lvl in LEVELS if lvl in byo),
+                *(shadow_recorder(recorder_name("extAuth", lvl)) for lvl in LEVELS if lvl in shadow)]
 
     def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
-        return {self._instance(checks): _per_route(checks)} if checks.spec.ext_auth else {}
+        if not checks.spec.ext_auth:
+            return {}
+        if checks.spec.mode != MODE_SHADOW:
+            return {self._instance(checks): _per_route(checks)}
+        if _byo(checks):
+            return {**_byo_shadow(checks), **_recorded(checks)}
+        return {self._instance(checks): _per_route(checks), **_recorded(checks)}
 
     def resources(self, lst: ListenerIR) -> Needs:
         """The decision services: authplane's own (builtin) or the Backend a policy names."""

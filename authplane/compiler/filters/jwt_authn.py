@@ -3,6 +3,13 @@
 Requirements are named per policy; a route with both a gateway-level and a route-level JWT
 section gets ``requires_all`` of both, set per route in RDS (``PerRouteConfig.requirement_name``),
 and the gateway's requirement is set on each virtual host.
+
+``mode: shadow``: the policy's requirement also accepts ``allow_missing_or_failed``, so a missing
+or failed token passes; its providers write a failure to ``failed_status_in_metadata``
+(``contract.JWT_FAILURE_KEY``), and a recorder (``rbac.shadow_recorder``) right after the filter
+notes a would-deny when no verified payload is in the metadata. Native in Envoy, no extra cost;
+with an enforcing gateway JWT as well, the gateway's verified payload also satisfies the route's
+recorder (one ``jwt_payload`` key for all providers).
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from google.protobuf import empty_pb2
 
 from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, http_filter, uri_cluster
 from authplane.compiler.filters.oauth2 import id_token_check
-from authplane.compiler.ir import Checks, ListenerIR, RouteIR
+from authplane.compiler.filters.rbac import metadata_present, recorder_name, shadow_record, shadow_recorder
+from authplane.compiler.ir import LEVELS, Checks, ListenerIR, RouteIR
 from authplane.compiler.protos import duration, pack
 from authplane.compiler.satisfy import Variant, expand, is_any, variant_of
-from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
+from authplane.contract import JWT_FAILURE_KEY, JWT_FILTER, JWT_PAYLOAD_KEY, MODE_SHADOW
 from authplane.policy.model import Jwt
 
 
@@ -34,6 +42,9 @@ class JwtCheck:
     spec: Jwt
     jwks_files: dict[str, str]
     """provider name → JWKS file content (providers with ``jwks.file``)."""
+    shadow: bool = False
+    """``mode: shadow``: missing or failed tokens pass (``allow_missing_or_failed``), the failure
+    is recorded (``failed_status_in_metadata``) and the recorder notes the would-deny."""
 
 
 def jwt_check(checks: Checks | None) -> JwtCheck | None:
@@ -42,7 +53,7 @@ def jwt_check(checks: Checks | None) -> JwtCheck | None:
     if checks.spec.oidc is not None:
         return JwtCheck(checks.policy, id_token_check(checks), {})
     if checks.spec.jwt is not None:
-        return JwtCheck(checks.policy, checks.spec.jwt, checks.resolved.jwks)
+        return JwtCheck(checks.policy, checks.spec.jwt, checks.resolved.jwks, checks.spec.mode == MODE_SHADOW)
     return None
 
 
@@ -52,10 +63,12 @@ def provider_name(policy: str, provider: str) -> str:
 
 def _requirement(ir: JwtCheck) -> jwt.JwtRequirement:
     names = [provider_name(ir.policy, p.name) for p in ir.spec.providers]
-    if len(names) == 1 and ir.spec.required:
+    if len(names) == 1 and ir.spec.required and not ir.shadow:
         return jwt.JwtRequirement(provider_name=names[0])
     reqs = [jwt.JwtRequirement(provider_name=n) for n in names]
-    if not ir.spec.required:
+    if ir.shadow:
+        reqs.append(jwt.JwtRequirement(allow_missing_or_failed=empty_pb2.Empty()))
+    elif not ir.spec.required:
         reqs.append(jwt.JwtRequirement(allow_missing=empty_pb2.Empty()))
     return jwt.JwtRequirement(requires_any=jwt.JwtRequirementOrList(requirements=reqs))
 
@@ -102,6 +115,8 @@ def _provider(ir: JwtCheck, name: str) -> jwt.JwtProvider:
         claim_to_headers=[jwt.JwtClaimToHeader(header_name=h, claim_name=c)
                           for c, h in sorted(prov.claims_to_headers.items())],
     )
+    if ir.shadow:
+        out.failed_status_in_metadata = JWT_FAILURE_KEY
     if prov.cache_size:
         out.jwt_cache_config.jwt_cache_size = prov.cache_size
     for src in prov.from_:
@@ -124,6 +139,14 @@ def _provider(ir: JwtCheck, name: str) -> jwt.JwtProvider:
     else:
         out.local_jwks.inline_string = ir.jwks_files[name]
     return out
+
+
+def _record(checks: Checks, ir: JwtCheck) -> PerFilterConfig:
+    """A shadow JWT check's recorder: would-deny unless a verified payload is in the metadata."""
+    if not ir.shadow:
+        return {}
+    verified = metadata_present(JWT_FILTER, JWT_PAYLOAD_KEY)
+    return {recorder_name("jwt", checks.level): shadow_record("jwt", checks, verified)}
 
 
 def _jwts(lst: ListenerIR) -> list[JwtCheck]:
@@ -149,15 +172,21 @@ class JwtAuthn(Filter):
                 req = None if r.public else _route_requirement(lst, r)
                 if req:
                     cfg.requirement_map[req[0]].CopyFrom(req[1])
-        return [http_filter(self.name(), cfg)]
+        recorders = [shadow_recorder(recorder_name("jwt", lvl)) for lvl in LEVELS
+                     if any(ir.shadow and c.level == lvl for c in lst.all_checks() if (ir := jwt_check(c)))]
+        return [http_filter(self.name(), cfg), *recorders]
 
     def vhost_config(self, lst: ListenerIR) -> PerFilterConfig:
         gw = jwt_check(lst.checks)
-        return {self.name(): pack(jwt.PerRouteConfig(requirement_name=gw.policy))} if gw else {}
+        if lst.checks is None or gw is None:
+            return {}
+        return {self.name(): pack(jwt.PerRouteConfig(requirement_name=gw.policy)), **_record(lst.checks, gw)}
 
     def route_config(self, lst: ListenerIR, route: RouteIR) -> PerFilterConfig:
         req = _route_requirement(lst, route)
-        return {self.name(): pack(jwt.PerRouteConfig(requirement_name=req[0]))} if req else {}
+        rt = jwt_check(route.checks)
+        out = _record(route.checks, rt) if route.checks and rt else {}
+        return {self.name(): pack(jwt.PerRouteConfig(requirement_name=req[0])), **out} if req else out
 
     def resources(self, lst: ListenerIR) -> Needs:
         return Needs(clusters=tuple(uri_cluster(p.jwks.uri) for ir in _jwts(lst) for p in ir.spec.providers

@@ -5,6 +5,14 @@ per virtual host (gateway level) and per route (route level) as ``RBACPerRoute``
 is a route update that reaches kept-alive connections. Each level compiles to a single RBAC
 policy set: with ``default: deny`` an ALLOW action whose policies are "this allow rule and no
 deny rule"; with ``default: allow`` a DENY action with the deny rules. Deny rules win either way.
+
+``mode: shadow`` is Envoy's own ``shadow_rules``: a shadow policy's level carries the whole rule
+set as shadow rules and no enforced rules; a shadow rule is left out of the enforced rules (as if
+it were not there) and kept in the shadow rules, the whole policy. Envoy evaluates them on every
+request and writes the result under ``shadow_rules_stat_prefix`` = ``contract.shadow_prefix``
+(cost: one more engine evaluation per request). The other checks reuse this to record what they
+cannot run in shadow themselves: ``shadow_recorder`` instances, placed by their modules right
+after their own filters, hold only shadow rules (``shadow_record``) saying "this check passed".
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
 from google.api.expr.v1alpha1 import syntax_pb2 as expr_pb2
+from google.protobuf import any_pb2
 
 from authplane.compiler import cel
 from authplane.compiler.filters.base import Filter, PerFilterConfig, http_filter
 from authplane.compiler.ir import LEVELS, Checks, ListenerIR
 from authplane.compiler.protos import pack
-from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY
+from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, MODE_SHADOW, shadow_prefix
 from authplane.policy.model import Authorization, Conditions
 from authplane.policy.types import PathMatch, StringMatch, scope_regex
 
@@ -122,6 +131,20 @@ def _path(match: PathMatch, ignore_case: bool) -> list[rbac.Principal]:
     return [url(exact=base), url(prefix=base + "/") if pattern.endswith("/*") else url(exact=base + "/")]
 
 
+def _san(pattern: str) -> rbac.Principal:
+    """The verified client certificate names ``pattern`` (``x*``: a prefix; ``*``: any name).
+    Envoy's ``authenticated`` principal tries the URI SANs, then the DNS SANs, then the subject; a
+    connection without a verified certificate matches none (``.+`` keeps ``*`` from matching the
+    empty subject of no certificate)."""
+    if pattern == "*":
+        matcher = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
+    elif pattern.endswith("*"):
+        matcher = string_pb2.StringMatcher(prefix=pattern[:-1])
+    else:
+        matcher = _exact(pattern)
+    return rbac.Principal(authenticated=rbac.Principal.Authenticated(principal_name=matcher))
+
+
 def _cidr(cidr: str) -> rbac.Principal:
     ip, _, plen = cidr.partition("/")
     return rbac.Principal(remote_ip=address_pb2.CidrRange(address_prefix=ip, prefix_len={"value": int(plen)}))
@@ -149,6 +172,8 @@ def conditions(when: Conditions, ignore_case: bool = False) -> rbac.Principal:
     if when.paths:
         parts.append(_any_of([m for p in when.paths for m in _path(p, ignore_case)]))
     parts.extend(_scope(s) for s in sorted(set(when.scopes)))
+    if when.client_cert is not None:
+        parts.append(_any_of([_san(s) for s in when.client_cert.sans]))
     if when.not_ is not None:
         parts.append(rbac.Principal(not_id=conditions(when.not_, ignore_case)))
     return _all_of(parts)
@@ -206,8 +231,48 @@ class Rbac(Filter):
         authz = checks.spec.authorization
         if authz is None:
             return {}
-        return {self.name(checks.level): pack(rbac_filter.RBACPerRoute(rbac=rbac_filter.RBAC(
-            rules=rules(authz, not lst.case_sensitive), rules_stat_prefix=f"{checks.policy}.")))}
+        ignore_case = not lst.case_sensitive
+        cfg = rbac_filter.RBAC()
+        shadowed = [r for r in authz.rules if r.mode == MODE_SHADOW]
+        if checks.spec.mode != MODE_SHADOW:
+            enforced = authz.model_copy(update={"rules": [r for r in authz.rules if r.mode != MODE_SHADOW]})
+            cfg.rules.CopyFrom(rules(enforced, ignore_case))
+            cfg.rules_stat_prefix = f"{checks.policy}."
+        if checks.spec.mode == MODE_SHADOW or shadowed:
+            cfg.shadow_rules.CopyFrom(rules(authz, ignore_case))
+            cfg.shadow_rules_stat_prefix = shadow_prefix("authorization", checks.level, checks.policy)
+        return {self.name(checks.level): pack(rbac_filter.RBACPerRoute(rbac=cfg))}
+
+
+def recorder_name(check: str, level: str) -> str:
+    """The name of a level's recorder instance for ``check`` (``envoy.filters.http.rbac.shadow.*``)."""
+    return FILTER.name("shadow", check, level)
+
+
+def shadow_recorder(name: str) -> hcm.HttpFilter:
+    """An RBAC instance that only records (``shadow_rules`` set per virtual host and route): how a
+    check Envoy cannot run in shadow itself records its would-deny (``authplane/contract.py``)."""
+    return http_filter(name, rbac_filter.RBAC())
+
+
+def shadow_record(check: str, checks: Checks, passed: rbac.Principal) -> any_pb2.Any:
+    """A recorder's per-route config: ``allowed`` when ``passed`` matches, ``denied`` otherwise."""
+    shadow = rbac.RBAC(action=rbac.RBAC.ALLOW, policies={check: _policy(passed, None)})
+    return pack(rbac_filter.RBACPerRoute(rbac=rbac_filter.RBAC(
+        shadow_rules=shadow, shadow_rules_stat_prefix=shadow_prefix(check, checks.level, checks.policy))))
+
+
+def header_regex(header: str, regex: str) -> rbac.Principal:
+    """Matches when the whole value of ``header`` matches ``regex`` (RE2)."""
+    m = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))
+    return rbac.Principal(header=rc.HeaderMatcher(name=header, string_match=m))
+
+
+def metadata_present(namespace: str, key: str) -> rbac.Principal:
+    """Matches when dynamic metadata ``namespace``/``key`` is set."""
+    matcher = metadata_pb2.MetadataMatcher(filter=namespace, path=[metadata_pb2.MetadataMatcher.PathSegment(key=key)],
+                                           value=value_pb2.ValueMatcher(present_match=True))
+    return rbac.Principal(sourced_metadata=rbac.SourcedMetadata(metadata_matcher=matcher))
 
 
 FILTER = Rbac()

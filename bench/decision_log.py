@@ -1,0 +1,202 @@
+"""The decision log's cost: Envoy requests/s on a JWT + RBAC route with ``serve --decision-log``
+off and on, and the entries/s the control plane absorbs.
+
+    python bench/decision_log.py [--duration 8] [--connections 32] [--flood 5]
+
+1. ``off`` / ``on``: wrk (HTTP/1.1 keep-alive) through one Envoy (one worker) that gets its config
+   from ``authplane serve`` over ADS; with ``on`` every request is also reported over the xDS
+   connection (gRPC access-log service) and written to a file. Printed: req/s of each, the ratio,
+   the CPU time per request of Envoy and of ``serve`` (on a machine where they share few cores,
+   ``serve``'s share comes out of Envoy's req/s; the Envoy CPU figure is the data plane's own
+   cost), and for ``on`` the entries written / dropped.
+2. ``flood``: a gRPC client streams access-log messages (100 entries each, the shape Envoy sends)
+   to ``serve`` as fast as it can for ``--flood`` seconds: the entries/s one control-plane
+   process (one event loop, one core) maps, counts and queues, and how many the writer had to
+   drop (``authplane_decision_log_entries_total``).
+
+Everything shares this machine's cores (see ``nproc``): wrk, both Envoys and ``serve``. Bounded:
+about ``2 * duration + flood + 15`` seconds. Installs wrk when missing (Debian).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import grpc  # noqa: E402
+from authz import UPSTREAM, ensure_tools, wrk  # noqa: E402  (bench/authz.py, beside this file)
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc  # noqa: E402
+
+from authplane.compiler.resources import DECISION_LOG_NAME  # noqa: E402
+from authplane.controlplane.bootstrap import bootstrap_yaml  # noqa: E402
+from authplane.devtools.idp import DevIdentityProvider  # noqa: E402
+from authplane.envoy_bin import EnvoyProcess  # noqa: E402
+from tests.support.policies import write_policies  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.processes import ServeProcess  # noqa: E402
+
+
+def policies(port: int, upstream_port: int, jwks: str) -> dict[str, str]:
+    return {"jwks.json": jwks, "bench.yaml": f"""
+        kind: Gateway
+        metadata: {{name: edge}}
+        spec: {{fleet: edge, listeners: [{{name: http, port: {port}, address: 127.0.0.1}}]}}
+        ---
+        kind: Backend
+        metadata: {{name: up}}
+        spec: {{endpoints: ["127.0.0.1:{upstream_port}"]}}
+        ---
+        kind: Route
+        metadata: {{name: r}}
+        spec: {{gateway: edge, rules: [{{name: native, match: {{pathPrefix: /native}}, backend: up}}]}}
+        ---
+        kind: AuthPolicy
+        metadata: {{name: native}}
+        spec:
+          targetRef: {{kind: Route, name: r, rule: native}}
+          jwt: {{providers: [{{name: dev, issuer: https://idp.bench, jwks: {{file: jwks.json}}}}]}}
+          authorization: {{rules: [{{name: bench, action: allow, when: {{claims: {{groups: [bench]}}}}}}]}}
+        """}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def entries_metric(serve: ServeProcess) -> dict[str, float]:
+    return {dict(labels)["result"]: v for (name, labels), v in serve.metrics().items()
+            if name == "authplane_decision_log_entries_total"}
+
+
+def decided(serve: ServeProcess) -> float:
+    return sum(v for (name, _), v in serve.metrics().items() if name == "authplane_decisions_total")
+
+
+def through_envoy(d: str, tmp: str, port: int, token: str, log: str | None, args: argparse.Namespace,
+                  ) -> tuple[dict[str, float], ServeProcess | None]:
+    serve = ServeProcess(d, tmp, 0, "--no-authz", *(("--decision-log", log) if log else ())).wait_started()
+    path = os.path.join(tmp, "edge-1.yaml")
+    with open(path, "w") as f:
+        f.write(bootstrap_yaml("edge-1", "edge", serve.xds, admin_port=0))
+    envoy = EnvoyProcess(path, log_path=os.path.join(tmp, "edge-1.log"), concurrency=1).start()
+    try:
+        envoy.wait_ready()
+        serve.wait_in_sync("edge-1")
+        url = f"http://127.0.0.1:{port}/native/x"
+        headers = {"authorization": f"Bearer {token}"}
+        wrk(url, headers, 1, args.connections)  # warm-up
+        assert envoy.proc is not None
+        before = cpu_seconds(envoy.proc.pid), cpu_seconds(serve.proc.pid)
+        result = wrk(url, headers, args.duration, args.connections)
+        after = cpu_seconds(envoy.proc.pid), cpu_seconds(serve.proc.pid)
+        requests = result["rps"] * args.duration
+        result["envoy_cpu_us"] = (after[0] - before[0]) / requests * 1e6
+        result["serve_cpu_us"] = (after[1] - before[1]) / requests * 1e6
+        if log:
+            time.sleep(1.5)  # Envoy flushes its access-log buffer every second
+            result.update(entries_metric(serve))
+        return result, serve if log else None
+    finally:
+        envoy.stop()
+        if not log:
+            serve.stop()
+
+
+def flood(serve: ServeProcess, seconds: float, batch: int = 100) -> dict[str, float]:
+    """Stream access-log messages to ``serve`` for ``seconds``; entries/s it took in."""
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.common_properties.route_name = "r/native"
+    entry.common_properties.metadata.filter_metadata["envoy.filters.http.jwt_authn"].update(
+        {"jwt_payload": {"sub": "alice", "groups": ["bench"]}})
+    entry.response.response_code.value = 200
+    entry.response.response_code_details = "via_upstream"
+    entry.request.request_id = "00000000-0000-4000-8000-000000000000"
+    first = als_pb2.StreamAccessLogsMessage()
+    first.identifier.node.CopyFrom(base_pb2.Node(id="flood", cluster="edge"))
+    first.identifier.log_name = DECISION_LOG_NAME
+    first.http_logs.log_entry.extend([entry] * batch)
+    rest = als_pb2.StreamAccessLogsMessage()
+    rest.http_logs.log_entry.extend([entry] * batch)
+    sent = 0
+    stop = threading.Event()
+
+    def messages():  # type: ignore[no-untyped-def]
+        nonlocal sent
+        yield first
+        sent += batch
+        while not stop.is_set():
+            yield rest
+            sent += batch
+
+    before, started = decided(serve), time.perf_counter()
+    with grpc.insecure_channel(serve.xds) as channel:
+        stub = als_pb2_grpc.AccessLogServiceStub(channel)
+        timer = threading.Timer(seconds, stop.set)
+        timer.start()
+        stub.StreamAccessLogs(messages(), timeout=seconds + 30)
+    elapsed = time.perf_counter() - started
+    return {"sent": sent, "absorbed_per_s": (decided(serve) - before) / elapsed, **entries_metric(serve)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--flood", type=float, default=5.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    ensure_tools()
+    idp = DevIdentityProvider(issuer="https://idp.bench")
+    token = idp.mint(groups=["bench"], ttl=3600)
+    tmp = tempfile.mkdtemp(prefix="authplane-bench-")
+    with open(os.path.join(tmp, "upstream.yaml"), "w") as f:
+        f.write(UPSTREAM)
+    upstream = EnvoyProcess(os.path.join(tmp, "upstream.yaml"), concurrency=1).start()
+    serve: ServeProcess | None = None
+    try:
+        upstream.wait_ready()
+        port = free_port()
+        d = write_policies(os.path.join(tmp, "policies"), policies(
+            port, upstream.listener_port("upstream"), json.dumps(idp.jwks())))
+        off, _ = through_envoy(d, tmp, port, token, None, args)
+        on, serve = through_envoy(d, tmp, port, token, os.path.join(tmp, "decisions.jsonl"), args)
+        assert serve is not None
+        flooded = flood(serve, args.flood)
+    finally:
+        if serve is not None:
+            serve.stop()
+        upstream.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {"off": off, "on": on, "flood": flooded, "ratio": on["rps"] / off["rps"], "cores": os.cpu_count()}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"JWT + RBAC route, one Envoy worker, c={args.connections}, {args.duration} s, {os.cpu_count()} cores "
+          "shared by wrk, two Envoys and serve")
+    for name, r in (("off", off), ("on", on)):
+        print(f"  decision log {name:<4} {r['rps']:>8.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  "
+              f"CPU per request: Envoy {r['envoy_cpu_us']:.1f} us, serve {r['serve_cpu_us']:.1f} us")
+    print(f"  on/off: {100 * out['ratio']:.1f}% of the requests/s, Envoy CPU per request "
+          f"+{100 * (on['envoy_cpu_us'] / off['envoy_cpu_us'] - 1):.1f}%; entries written "
+          f"{on.get('written', 0):.0f}, dropped {on.get('dropped', 0):.0f}")
+    print(f"  flood ({args.flood:.0f} s, 100 entries a message): {flooded['absorbed_per_s']:.0f} entries/s absorbed "
+          f"by one serve process; totals written {flooded.get('written', 0):.0f}, "
+          f"dropped {flooded.get('dropped', 0):.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,9 @@
   ``auth-url`` and Traefik ``forwardAuth``; the original request is described by
   ``X-Original-URL``/``X-Original-Method`` (nginx) or ``X-Forwarded-*`` (Traefik). Plain
   ``/authz``: the policy of the route Envoy would take for that host and path (``routing.py``).
+* ``/oauth2/start``, ``/oauth2/callback``, ``/oauth2/sign_out`` and ``/oauth2/auth``: the
+  oauth2-proxy contract, the decision service's own sign-in for policies with ``oidc``
+  (``signin.py``); ``/oauth2/auth`` is forward auth answering 202 with the identity headers.
 * ``/healthz`` and ``/metrics``.
 """
 
@@ -20,7 +23,7 @@ import time
 from collections.abc import Awaitable, Mapping
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -28,13 +31,15 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authplane.authz.decider import Decider
-from authplane.authz.evaluate import Decision, Request, deny, shadow_report
+from authplane.authz.evaluate import BROWSER, Decision, Request, deny, shadow_report
 from authplane.authz.rules import CompiledPolicy
+from authplane.authz.signin import SignInError, SignInFlow, _jar, absolute, safe_redirect, session
 from authplane.authz.tokens import InvalidToken
 from authplane.contract import BUILTIN_HTTP_PREFIX, CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
 
 log = logging.getLogger("authplane.authz")
 FORWARD_PREFIX = "/authz"
+OAUTH2_PREFIX = "/oauth2/"
 POLICY_HEADER = "x-authplane-policy"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 """Envoy (HTTP mode) removes the headers listed here from the upstream request."""
@@ -82,6 +87,13 @@ def _response(d: Decision, extra: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=d.status, headers=CIMultiDict(d.headers), text=d.body or None)
 
 
+def _redirect(location: str, cookies: list[str]) -> web.Response:
+    headers = CIMultiDict({"location": location, "cache-control": "no-store"})
+    for c in cookies:
+        headers.add("set-cookie", c)
+    return web.Response(status=302, headers=headers)
+
+
 class _Protocol(web.RequestHandler):
     """aiohttp's connection handler, with errors (unparsable requests, timeouts) answered by a
     fixed text and logged as one line: aiohttp's own answer quotes the offending input and its
@@ -122,6 +134,7 @@ class HttpFrontend:
         self.decider = decider
         self._envoy_timer = decider.metrics.timer("http")
         self._forward_timer = decider.metrics.timer("forward")
+        self.signin = SignInFlow()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
@@ -130,6 +143,8 @@ class HttpFrontend:
                 return self.envoy(request)
             if raw == FORWARD_PREFIX or raw.startswith((FORWARD_PREFIX + "/", FORWARD_PREFIX + "?")):
                 return await self._timed_async(self._forward_timer, self.forward(request))
+            if raw.startswith(OAUTH2_PREFIX):
+                return await self.oauth2(request)
             if raw == "/healthz":
                 return web.Response(text="ok\n")
             if raw == "/metrics":
@@ -182,9 +197,11 @@ class HttpFrontend:
         self._envoy_timer.observe(time.perf_counter() - start)
         return response
 
-    async def forward(self, request: web.BaseRequest) -> web.Response:
+    async def forward(self, request: web.BaseRequest, prefix: str = FORWARD_PREFIX,
+                      auth: bool = False) -> web.Response:
+        """Forward auth; ``auth``: ``/oauth2/auth`` (202 on allow, 401 without a session)."""
         h = request.headers
-        name = request.path[len(FORWARD_PREFIX) + 1:] or h.get(POLICY_HEADER, "")
+        name = request.path[len(prefix) + 1:] or h.get(POLICY_HEADER, "")
         pol = self.decider.policy(name) if name else None
         if isinstance(pol, Decision):
             return _response(pol)
@@ -216,10 +233,13 @@ class HttpFrontend:
         req = Request(method=method.upper(), path=clean, headers=headers,
                       source=_client_ip(h, request.remote or ""), host=host, scheme=scheme)
         key, hit = self.decider.lookup(pol, req, "forward")
+        signed_in = pol.signin is not None and session(pol, headers) is not None
         if hit is None:
             verifier = self.decider.verifier(pol)
             try:
-                req.claims = await verifier.verify(headers, urlsplit(req.path).query) if verifier else None
+                req.claims = session(pol, headers) if pol.signin else None
+                if req.claims is None and verifier:
+                    req.claims = await verifier.verify(headers, urlsplit(req.path).query)
             except InvalidToken as e:
                 challenge = f'Bearer realm="{pol.name}", error="invalid_token"'
                 hit = Decision(False, "", e.status, f"authplane: {e}\n",
@@ -227,7 +247,82 @@ class HttpFrontend:
             else:
                 hit = self._fresh(pol, req, key)
         self.decider.count(pol.name, hit)
-        return self._forward_answer(hit, nginx)
+        if pol.signin is not None and not hit.allow and not signed_in:
+            hit = self._sign_in_answer(pol, hit, req, nginx or auth)
+        response = self._forward_answer(hit, nginx)
+        if auth and hit.allow:
+            response.set_status(202)
+        return response
+
+    @staticmethod
+    def _sign_in_answer(pol: CompiledPolicy, d: Decision, req: Request, api: bool) -> Decision:
+        """No session: 401 for ``/oauth2/auth``, nginx and API clients (XHR, no ``text/html``);
+        browsers behind Traefik (which passes the answer through) go to sign in."""
+        xhr = req.headers.get("x-requested-with", "").lower() == "xmlhttprequest"
+        if api or xhr or BROWSER not in req.headers.get("accept", ""):
+            headers = tuple((k, v) for k, v in d.headers if k != "location")
+            if not any(k == "www-authenticate" for k, _ in headers):
+                headers += (("www-authenticate", f'Bearer realm="{pol.name}"'),)
+            return Decision(False, d.rule, 401, d.body if d.status == 401 else "authplane: sign in\n",
+                            headers, reason=d.reason)
+        if d.status == 302:
+            return d
+        start = f"{req.scheme}://{req.host}/oauth2/start?rd={quote(req.url(), safe='', errors='surrogateescape')}"
+        return Decision(False, d.rule, 302, "", (("location", start),), reason=d.reason)
+
+    async def oauth2(self, request: web.BaseRequest) -> web.Response:
+        action, _, name = request.path[len(OAUTH2_PREFIX):].partition("/")
+        if action == "auth":
+            return await self._timed_async(self._forward_timer, self.forward(request, "/oauth2/auth", auth=True))
+        h = request.headers
+        scheme = h.get("x-forwarded-proto", request.scheme)
+        host = h.get("x-forwarded-host", request.host)
+        base, secure, jar = f"{scheme}://{host}", scheme == "https", _jar(h)
+        rd = request.query.get("rd", "")
+        try:
+            if action == "callback":
+                return await self._callback(request, jar, secure)
+            if action not in ("start", "sign_out"):
+                return web.Response(status=404, text="authplane: unknown /oauth2/ endpoint\n")
+            pol = self._signin_policy(name or h.get(POLICY_HEADER, ""), absolute(base, rd or "/"))
+            assert pol.signin is not None
+            target = safe_redirect(pol.signin, rd or "/", host)
+            if target is None:
+                raise SignInError("rd must point to a host under the cookie domain")
+            if action == "start":
+                location, cookies = self.signin.start(pol, base, absolute(base, target), jar, secure)
+            else:
+                location, cookies = self.signin.sign_out(pol, target, jar, secure)
+        except SignInError as e:
+            return web.Response(status=e.status, text=f"authplane: {e}\n")
+        return _redirect(location, cookies)
+
+    def _signin_policy(self, name: str, url: str) -> CompiledPolicy:
+        """The policy named, else the one the route table gives for ``url``, else the only policy
+        with sign-in."""
+        if name:
+            pol = self.decider.policy(name)
+        else:
+            parts = urlsplit(url)
+            pol = self.decider.policy_for(parts.netloc, normalize_path(parts.path or "/") or "/", "GET", {})
+            if isinstance(pol, Decision) or pol.signin is None:
+                only = [p for p in self.decider.table.policies.values() if p.signin]
+                pol = only[0] if len(only) == 1 else pol
+        if isinstance(pol, Decision) or pol.signin is None:
+            raise SignInError("no policy with oidc sign-in for this URL (name it: /oauth2/<action>/<policy>)")
+        return pol
+
+    async def _callback(self, request: web.BaseRequest, jar: Mapping[str, str], secure: bool) -> web.Response:
+        for pol in self.decider.table.policies.values():
+            flow = self.signin.pending(pol, jar) if pol.signin else None
+            if flow is None:
+                continue
+            own = self.decider.table.policies.get(str(flow.get("policy")))
+            if own is None or own.signin is None:
+                break
+            location, cookies = await self.signin.callback(own, flow, request.query, jar, secure)
+            return _redirect(location, cookies)
+        raise SignInError("no sign-in in progress (cookies blocked, or it took too long): start again")
 
     @staticmethod
     def _forward_answer(d: Decision, nginx: bool) -> web.Response:

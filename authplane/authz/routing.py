@@ -107,7 +107,7 @@ def _bare_host(host: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-def _target(lst: ListenerIR, r: RouteIR, builtin: set[str]) -> Target:
+def _target(lst: ListenerIR, r: RouteIR, builtin: set[str], signin: set[str]) -> Target:
     if r.public:
         return Target(r.name, None, f"route {r.name} is public: forward auth answers only with a "
                                     "builtin extAuth policy")
@@ -118,7 +118,8 @@ def _target(lst: ListenerIR, r: RouteIR, builtin: set[str]) -> Target:
         if c.policy not in builtin:
             return Target(r.name, None, f"route {r.name}: policy {c.policy!r} ({c.level} level) has no "
                                         "builtin extAuth rules, which forward auth needs")
-        native = [name for attr, name in NATIVE_ONLY if getattr(c.spec, attr) is not None]
+        native = [name for attr, name in NATIVE_ONLY if getattr(c.spec, attr) is not None
+                  and not (attr == "oidc" and c.policy in signin)]
         if native:
             return Target(r.name, None, f"route {r.name}: policy {c.policy!r} also has {', '.join(native)}, "
                                         "which only Envoy runs")
@@ -143,12 +144,14 @@ def _order(domain: str) -> tuple[int, int, str]:
     return (1, -len(domain), domain) if domain.startswith("*") else (0, 0, domain)
 
 
-def route_lookup(p: PolicySet, builtin: set[str]) -> RouteLookup:
-    """The lookup table of every fleet's listeners; ``builtin``: the policies with builtin rules."""
+def route_lookup(p: PolicySet, builtin: set[str], signin: set[str] | None = None) -> RouteLookup:
+    """The lookup table of every fleet's listeners; ``builtin``: the policies with builtin rules;
+    ``signin``: those whose ``oidc`` the decision service runs itself (``/oauth2/*``)."""
     listeners = []
     for fleet in build(p).values():
         for lst in fleet.listeners:
-            hosts = tuple((vh.name.lower(), tuple(_entry(r, _target(lst, r, builtin)) for r in vh.routes))
+            hosts = tuple((vh.name.lower(), tuple(_entry(r, _target(lst, r, builtin, signin or set()))
+                                                  for r in vh.routes))
                           for vh in sorted(lst.virtual_hosts, key=lambda v: _order(v.name.lower())))
             listeners.append(ListenerRoutes(f"{fleet.name}:{lst.name}", not lst.case_sensitive, hosts))
     return RouteLookup(tuple(listeners))

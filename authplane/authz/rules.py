@@ -15,7 +15,7 @@ from authplane.authz.routing import RouteLookup, route_lookup
 from authplane.contract import MODE_SHADOW
 from authplane.policy.credentials import parse_api_keys
 from authplane.policy.documents import Located, PolicySet, Resolved
-from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt
+from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt, Oidc
 from authplane.policy.types import StringMatch
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -129,6 +129,29 @@ class KeyTable:
 
 
 @dataclass(frozen=True)
+class SignIn:
+    """A policy's ``oidc`` section as the decision service's own sign-in (``/oauth2/*``) runs it:
+    endpoints from discovery, the client secret and the session keys (the first encrypts)."""
+
+    issuer: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    end_session_endpoint: str | None
+    userinfo_endpoint: str | None
+    scopes: tuple[str, ...]
+    redirect_path: str
+    cookie_prefix: str
+    cookie_domain: str | None
+    """Without the leading dot; None: host-only cookies, ``rd`` only to the sign-in host."""
+    same_site: str
+    post_logout_redirect_uri: str | None
+    keys: tuple[bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class CompiledPolicy:
     name: str
     rules: tuple[Rule, ...]
@@ -151,6 +174,8 @@ class CompiledPolicy:
     header unless forwarded. Independent of the request, so a cached decision strips them too."""
     shadow: bool = False
     """``mode: shadow``: a denial is answered as an allow that reports the would-deny."""
+    signin: SignIn | None = None
+    """``oidc``: forward auth reads the decision service's own session cookie for the claims."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +220,24 @@ def compile_policy(item: Located[AuthPolicy], resolved: Resolved, ignore_case: b
         uses_source=any(c.source_cidrs for r in ext.rules for c in r.when.nested()),
         uses_url=any(r.deny.sign_in for r in ext.rules) or any(src.query for src in sources),
         jwt=jwt, jwks_files=dict(resolved.jwks),
-        strip=tuple(h.lower() for h in strip), shadow=item.resource.spec.mode == MODE_SHADOW)
+        strip=tuple(h.lower() for h in strip), shadow=item.resource.spec.mode == MODE_SHADOW,
+        signin=_signin(item.resource.spec.oidc, resolved))
+
+
+def _signin(spec: Oidc | None, resolved: Resolved) -> SignIn | None:
+    found = resolved.oidc
+    if spec is None or found is None:
+        return None
+    e = found.endpoints
+    domain = spec.cookie.domain.lstrip(".").lower() if spec.cookie.domain else None
+    return SignIn(
+        issuer=spec.issuer, client_id=spec.client_id, client_secret=found.client_secret.decode(),
+        authorization_endpoint=e.authorization, token_endpoint=e.token, jwks_uri=e.jwks,
+        end_session_endpoint=e.end_session, userinfo_endpoint=e.userinfo,
+        scopes=tuple(dict.fromkeys(["openid", *spec.scopes])), redirect_path=spec.redirect_path,
+        cookie_prefix=spec.cookie.prefix, cookie_domain=domain, same_site=spec.cookie.same_site,
+        post_logout_redirect_uri=spec.post_logout_redirect_uri,
+        keys=found.session_keys or (found.hmac_secret,))
 
 
 def _case_sensitive(policies: PolicySet, item: Located[AuthPolicy]) -> bool:
@@ -220,5 +262,6 @@ def compile_table(policies: PolicySet, version: str) -> RuleTable:
     digest = hashlib.sha256(version.encode())
     for path in sorted(policies.files):
         digest.update(f"\0{path}\0".encode() + policies.files[path].encode())
+    signin = {n for n, c in compiled.items() if c.signin}
     return RuleTable(f"{version}+{digest.hexdigest()[:8]}", compiled,
-                     route_lookup(policies, set(compiled)) if compiled else RouteLookup())
+                     route_lookup(policies, set(compiled), signin) if compiled else RouteLookup())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -33,10 +35,38 @@ class Snapshot:
         return cls(fleet, _digest(b""), {t: {} for t in TYPE_ORDER}, {t: {} for t in TYPE_ORDER})
 
 
-def compile_policies(policies: PolicySet, opts: CompileOptions | None = None) -> dict[str, Snapshot]:
-    """Policies → one snapshot per fleet. Pure: the same policies give the same bytes."""
+@dataclass(frozen=True)
+class Compiled:
+    """One compile's snapshots with what each fleet was built from, for the next reload to reuse."""
+
+    snapshots: dict[str, Snapshot]
+    inputs: dict[str, tuple[Any, ...]] = field(repr=False)
+    """Fleet → ``translate.fleet_inputs``."""
+    opts: CompileOptions | None = None
+    compiled: tuple[str, ...] = ()
+    """The fleets compiled this time (the others were the previous snapshots)."""
+
+
+def compile_changed(policies: PolicySet, opts: CompileOptions | None = None,
+                    previous: Compiled | None = None) -> Compiled:
+    """``compile_policies``, reusing ``previous``'s snapshot of every fleet whose inputs are
+    unchanged (the same bytes as compiling it again, as the equivalence test checks)."""
+    inputs = translate.fleet_inputs(policies)
+    reuse: dict[str, Snapshot] = {}
+    if previous is not None and previous.opts == opts:
+        reuse = {fleet: previous.snapshots[fleet] for fleet, key in inputs.items()
+                 if fleet in previous.snapshots and previous.inputs.get(fleet) == key}
+    fresh = compile_policies(policies, opts, only=set(inputs) - set(reuse)) if len(reuse) < len(inputs) else {}
+    return Compiled({fleet: reuse[fleet] if fleet in reuse else fresh[fleet] for fleet in inputs}, inputs, opts,
+                    tuple(fresh))
+
+
+def compile_policies(policies: PolicySet, opts: CompileOptions | None = None,
+                     only: Collection[str] | None = None) -> dict[str, Snapshot]:
+    """Policies → one snapshot per fleet (or per fleet in ``only``). Pure: the same policies give
+    the same bytes."""
     out: dict[str, Snapshot] = {}
-    for name, fleet in translate.build(policies, opts).items():
+    for name, fleet in translate.build(policies, opts, only).items():
         res = fleet_resources(fleet)
         versions: dict[str, dict[str, str]] = {}
         whole = hashlib.sha256()

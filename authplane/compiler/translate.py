@@ -6,6 +6,8 @@ no I/O. What a check compiles to is the business of its filter module (``filters
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Collection
 from typing import Any
 
 from authplane.addresses import split_address
@@ -52,8 +54,41 @@ def _domain_covers(pattern: str, domain: str) -> bool:
     return pattern.startswith("*.") and domain.endswith(pattern[1:]) and domain != pattern[2:]
 
 
-def build(p: PolicySet, opts: CompileOptions | None = None) -> dict[str, FleetIR]:
-    """Every fleet named by a gateway, with its listeners, routes, checks and clusters."""
+def fleet_inputs(p: PolicySet) -> dict[str, tuple[Any, ...]]:
+    """Per fleet, everything its IR is built from: its gateways, the routes on them, the policies
+    targeting either (with what resolve read for them), the backends they use, the listeners' and
+    backends' TLS files. Equal inputs give byte-identical snapshots, so a reload compiles only the
+    fleets whose inputs differ; documents of unchanged files are the same objects, so comparing
+    mostly costs identity checks."""
+    targeting: dict[tuple[str, str], list[Located[AuthPolicy]]] = defaultdict(list)
+    for pol in p.auth_policies.values():
+        targeting[(pol.resource.spec.target_ref.kind, pol.resource.spec.target_ref.name)].append(pol)
+    on_gateway: dict[str, list[Located[Any]]] = defaultdict(list)
+    for route in p.routes.values():
+        on_gateway[route.resource.spec.gateway].append(route)
+    parts: dict[str, list[Any]] = {}
+    used: dict[str, set[str]] = defaultdict(set)
+    for gw in p.gateways.values():
+        fleet = gw.resource.spec.fleet
+        key = parts.setdefault(fleet, [])
+        key += [gw, *(p.listener_tls.get(f"{gw.name}/{lst.name}") for lst in gw.resource.spec.listeners)]
+        pols = list(targeting.get(("Gateway", gw.name), ()))
+        for route in on_gateway.get(gw.name, ()):
+            key.append(route)
+            used[fleet].update(rule.backend for rule in route.resource.spec.rules)
+            pols += targeting.get(("Route", route.name), ())
+        for pol in pols:
+            key += [pol, p.resolved.get(pol.name)]
+            if pol.resource.spec.ext_auth is not None:
+                used[fleet].add(pol.resource.spec.ext_auth.service)
+    for fleet, key in parts.items():
+        key += [(name, p.backends.get(name), p.backend_tls.get(name)) for name in sorted(used[fleet])]
+    return {fleet: tuple(key) for fleet, key in parts.items()}
+
+
+def build(p: PolicySet, opts: CompileOptions | None = None, only: Collection[str] | None = None) -> dict[str, FleetIR]:
+    """Every fleet named by a gateway (or those in ``only``), with its listeners, routes, checks
+    and clusters."""
     env = Env(opts or CompileOptions(), {name: _cluster(b, p) for name, b in p.backends.items()})
     fleets: dict[str, FleetIR] = {}
     policy_for: dict[tuple[str, str, str | None], Located[AuthPolicy]] = {
@@ -61,6 +96,8 @@ def build(p: PolicySet, opts: CompileOptions | None = None) -> dict[str, FleetIR
         for x in p.auth_policies.values()
     }
     for gw in p.gateways.values():
+        if only is not None and gw.resource.spec.fleet not in only:
+            continue
         fleet = fleets.setdefault(gw.resource.spec.fleet, FleetIR(gw.resource.spec.fleet))
         gw_pol = policy_for.get(("Gateway", gw.name, None))
         gw_checks = _checks(p, gw_pol, "gateway") if gw_pol else None

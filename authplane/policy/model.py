@@ -524,10 +524,25 @@ class Oidc(Model):
     provider for every host); authplane adds a route for it on every host the policy covers."""
     logout_path: PathPattern = "/oauth2/sign_out"
     """Visiting this path clears the session cookies (and ends the provider's session when it has
-    an end-session endpoint); authplane adds a route for it on every host the policy covers."""
+    an end-session endpoint); authplane adds a route for it on every host the policy covers.
+    Envoy sends the browser to the end-session endpoint with
+    ``post_logout_redirect_uri=<scheme>://<host>/``: register that URI for every host at the
+    provider, or the provider refuses the logout (400) and keeps its own session, so the next
+    visit signs the user back in without a prompt."""
     scopes: list[Annotated[str, Field(pattern=r"^[!#-\[\]-~]+$")]] = ["openid", "email", "profile"]
     """Scopes requested (``openid`` is always added). Add ``groups`` if your provider needs it
     for a ``groups`` claim."""
+    id_token_claims: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$")]] | None = None
+    """Claims asked for in the ID token with the OpenID ``claims`` request parameter on the sign-in
+    URL. Envoy reads only the ID token (it never calls the userinfo endpoint), and a conforming
+    provider returns scope-requested claims (``email``, ``groups``) from userinfo only. Default:
+    the claims of ``claimsToHeaders`` and of this policy's authorization rules other than ``sub``
+    (list claims that only other policies' rules read here); ``[]``: no ``claims`` parameter.
+    ``validate`` warns when the provider's discovery document does not list
+    ``claims_parameter_supported``."""
+    token_endpoint_auth: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
+    """How the client secret is sent to the token endpoint: in the form body, or as HTTP Basic
+    authentication (which stricter providers require; use what the client is registered with)."""
     cookie: OidcCookie = OidcCookie()
     """Session cookies."""
     pass_through_paths: list[PathPattern] = []
@@ -543,6 +558,14 @@ class Oidc(Model):
     """ID token claims copied into upstream request headers (client copies are always removed).
     Envoy sends an array claim (``groups``) as the base64 of its JSON: ``["admins","dev"]`` arrives
     as ``WyJhZG1pbnMiLCJkZXYiXQ==``."""
+    post_logout_redirect_uri: Url | None = None
+    """Forward-auth sign-in (``/oauth2/sign_out`` of the decision service): where the provider's
+    end-session endpoint sends the browser after logout (register it at the provider; unset: no
+    ``post_logout_redirect_uri`` is sent)."""
+    session_keys: list[SecretRef] = []
+    """Forward-auth sign-in: keys (32+ bytes each) encrypting the decision service's session
+    cookies with AES-GCM. The first encrypts, any decrypts: put a new key first to rotate, drop
+    the old one once its sessions have expired. Default: ``hmacSecret`` (or its default)."""
 
     @model_validator(mode="after")
     def _endpoints(self) -> Oidc:

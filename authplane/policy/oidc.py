@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from authplane.policy.model import Oidc, SecretRef
+from authplane.policy.model import Authorization, Oidc, SecretRef
 
 DISCOVERY_TIMEOUT = 5.0
 CACHE_TTL = 600.0
@@ -32,6 +32,9 @@ class Endpoints:
     token: str
     jwks: str
     end_session: str | None
+    userinfo: str | None = None
+    claims_parameter: bool | None = None
+    """Discovery's ``claims_parameter_supported`` (``None``: endpoints given in the policy)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class ResolvedOidc:
     endpoints: Endpoints
     client_secret: bytes = field(repr=False)
     hmac_secret: bytes = field(repr=False)
+    session_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    """``sessionKeys`` as read (empty: the decision service uses ``hmac_secret``)."""
 
 
 class OidcError(Exception):
@@ -88,9 +93,11 @@ def _fetch(issuer: str, timeout: float) -> Endpoints:
                if not isinstance(doc.get(k), str) or not doc[k].startswith(("http://", "https://"))]
     if missing:
         raise OidcError(f"discovery document {url} has no usable {', '.join(missing)}")
-    end = doc.get("end_session_endpoint")
+    end, info = doc.get("end_session_endpoint"), doc.get("userinfo_endpoint")
     return Endpoints(doc["authorization_endpoint"], doc["token_endpoint"], doc["jwks_uri"],
-                     end if isinstance(end, str) and end.startswith(("http://", "https://")) else None)
+                     end if isinstance(end, str) and end.startswith(("http://", "https://")) else None,
+                     info if isinstance(info, str) and info.startswith(("http://", "https://")) else None,
+                     doc.get("claims_parameter_supported") is True)
 
 
 def discover(issuer: str, timeout: float = DISCOVERY_TIMEOUT) -> tuple[Endpoints, str | None]:
@@ -118,8 +125,25 @@ def endpoints(spec: Oidc) -> tuple[Endpoints, str | None]:
                          spec.end_session_endpoint), None
     found, warning = discover(spec.issuer)
     if spec.end_session_endpoint:
-        found = Endpoints(found.authorization, found.token, found.jwks, spec.end_session_endpoint)
+        found = Endpoints(found.authorization, found.token, found.jwks, spec.end_session_endpoint,
+                          found.userinfo, found.claims_parameter)
     return found, warning
+
+
+_IN_EVERY_ID_TOKEN = frozenset({"sub", "iss", "aud", "exp", "iat", "nonce", "auth_time", "azp", "at_hash", "acr",
+                                 "amr", "sid"})
+
+
+def id_token_claims(spec: Oidc, authorization: Authorization | None) -> list[str]:
+    """The claims to ask for in the ID token (the ``claims`` request parameter): ``idTokenClaims``,
+    or by default the top-level claims the policy copies into headers and its authorization rules
+    read, beyond those every ID token has; sorted."""
+    if spec.id_token_claims is not None:
+        return sorted(set(spec.id_token_claims))
+    names = {c.split(".", 1)[0] for c in spec.claims_to_headers}
+    rules = authorization.rules if authorization else []
+    names |= {c.split(".", 1)[0] for r in rules for cond in r.when.nested() for c in cond.claims}
+    return sorted(names - _IN_EVERY_ID_TOKEN)
 
 
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")

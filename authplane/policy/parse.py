@@ -208,19 +208,36 @@ class Parsed:
     """Path of a secret file a document names → (the document's position, the field naming it)."""
 
 
+def parse_file(path: str, text: str) -> Parsed:
+    """One policy file's documents and problems: a function of its path and text alone, so a
+    reload can keep it for a file whose content did not change (``loader.Loader``)."""
+    out = Parsed()
+    try:
+        docs = load_documents(text)
+    except YamlProblem as e:
+        out.problems.append(Problem(path, e.line, e.col, dotted(e.path), e.message))
+        return out
+    for doc in docs:
+        for secret, where in _secret_files(path, doc.data).items():
+            out.secret_files.setdefault(secret, (f"{path}:{doc.line}:{doc.col}", where))
+        item = _check_document(path, doc, out.problems, out.broken)
+        if item is not None:
+            out.documents.append(item)
+    return out
+
+
+def merge(files: list[Parsed]) -> Parsed:
+    """Per-file results (in path order) as one, as ``parse`` gives it."""
+    out = Parsed()
+    for one in files:
+        out.documents += one.documents
+        out.problems += one.problems
+        out.broken |= one.broken
+        for secret, where in one.secret_files.items():
+            out.secret_files.setdefault(secret, where)
+    return out
+
+
 def parse(texts: dict[str, str]) -> Parsed:
     """``{path: yaml text}`` → typed documents with their positions, in path order."""
-    out = Parsed()
-    for path in sorted(texts):
-        try:
-            docs = load_documents(texts[path])
-        except YamlProblem as e:
-            out.problems.append(Problem(path, e.line, e.col, dotted(e.path), e.message))
-            continue
-        for doc in docs:
-            for secret, where in _secret_files(path, doc.data).items():
-                out.secret_files.setdefault(secret, (f"{path}:{doc.line}:{doc.col}", where))
-            item = _check_document(path, doc, out.problems, out.broken)
-            if item is not None:
-                out.documents.append(item)
-    return out
+    return merge([parse_file(path, texts[path]) for path in sorted(texts)])

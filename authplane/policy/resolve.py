@@ -24,7 +24,7 @@ from authplane.policy.credentials import (
 from authplane.policy.documents import KeyPair, Located, PolicySet, Resolved, TlsMaterial
 from authplane.policy.files import read_file
 from authplane.policy.model import AuthPolicy, Backend, Gateway
-from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, read_secret
+from authplane.policy.oidc import OidcError, ResolvedOidc, derive_hmac_secret, id_token_claims, read_secret
 from authplane.policy.oidc import endpoints as oidc_endpoints
 
 _JWK_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}
@@ -160,7 +160,9 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
     assert spec is not None
     where = ("spec", "oidc")
     secrets: dict[str, bytes] = {}
-    for name, ref in (("clientSecret", spec.client_secret), ("hmacSecret", spec.hmac_secret)):
+    refs = [("clientSecret", spec.client_secret), ("hmacSecret", spec.hmac_secret),
+            *((f"sessionKeys.{i}", ref) for i, ref in enumerate(spec.session_keys))]
+    for name, ref in refs:
         if ref is None:
             continue
         try:
@@ -170,8 +172,8 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
             continue
         if path:
             p.files[path] = secrets[name].decode(errors="replace")
-        if name == "hmacSecret" and len(secrets[name]) < 32:
-            out.append(pol.source.problem((*where, name), "needs at least 32 bytes"))
+        if name != "clientSecret" and len(secrets[name]) < 32:
+            out.append(pol.source.problem((*where, *name.split(".")), "needs at least 32 bytes"))
     try:
         found, warning = oidc_endpoints(spec)
     except OidcError as e:
@@ -179,10 +181,17 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
         return None
     if warning:
         p.warnings.append(pol.source.problem((*where, "issuer"), warning))
+    claims = id_token_claims(spec, pol.resource.spec.authorization)
+    if found.claims_parameter is False and claims:
+        p.warnings.append(pol.source.problem((*where, "issuer"), (
+            "the provider's discovery document does not list claims_parameter_supported: it may ignore "
+            f"the request for {', '.join(claims)} in the ID token, and Envoy reads no other claims "
+            "(set idTokenClaims: [] if it rejects the parameter)")))
     if "clientSecret" not in secrets:
         return None
     client = secrets["clientSecret"]
-    return ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec))
+    keys = tuple(secrets[f"sessionKeys.{i}"] for i in range(len(spec.session_keys)) if f"sessionKeys.{i}" in secrets)
+    return ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec), keys)
 
 
 def _pem(p: PolicySet, item: Located[Any], rel: str, where: tuple[Any, ...], what: str,

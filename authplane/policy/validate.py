@@ -265,7 +265,7 @@ def _builtin_rules(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -
             if when.api_keys and ext.api_keys is None:  # the clients are checked by resolve.py
                 out.append(pol.source.problem((*at, "apiKeys"),
                                               "apiKeys conditions need extAuth.apiKeys (the key file)"))
-    if any(r.when.uses_jwt() for r in ext.rules) and not pol.resource.spec.jwt:
+    if any(r.when.uses_jwt() for r in ext.rules) and not (pol.resource.spec.jwt or pol.resource.spec.oidc):
         ref = pol.resource.spec.target_ref
         route = p.routes.get(ref.name) if ref.kind == "Route" else None
         gateway = TargetRef(kind="Gateway", name=route.resource.spec.gateway) if route else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from tests.support.http import request
 from tests.support.policies import DEV_JWT, app_gateway, app_policy, write_policies
 from tests.support.processes import ServiceThread
+from tests.support.traefik import IDENTITY_HEADERS, Traefik
+from tests.support.traefik import traefik as traefik_proxy
 
 POLICY = app_gateway(9) + "---\n" + app_policy(jwt=DEV_JWT, ext="""
     service: builtin
@@ -26,12 +30,33 @@ POLICY = app_gateway(9) + "---\n" + app_policy(jwt=DEV_JWT, ext="""
     """, name="sso")
 
 
+# The forwardAuth addresses the tests use, one Traefik entryPoint each.
+ADDRESSES = {"sso": "/authz/sso", "plain": "/authz", "nope": "/authz/nope"}
+RESPONSE_HEADERS = [*IDENTITY_HEADERS, "X-App-Tier"]
+_TRAEFIK: dict[int, Traefik] = {}  # decision service HTTP port → the Traefik in front of it
+
+
+@contextmanager
+def behind_traefik(svc: ServiceThread, tmp: str, upstream: int) -> Iterator[ServiceThread]:
+    """A real Traefik whose forwardAuth middlewares call ``svc``, in front of the echo upstream."""
+    base = f"http://127.0.0.1:{svc.svc.http_port}"
+    with traefik_proxy(tmp, {k: base + v for k, v in ADDRESSES.items()}, upstream, RESPONSE_HEADERS) as t:
+        _TRAEFIK[svc.svc.http_port] = t
+        try:
+            yield svc
+        finally:
+            del _TRAEFIK[svc.svc.http_port]
+
+
 @pytest.fixture
-def service(tmp_path, idp, jwks_file):
+def service(tmp_path, idp, jwks_file, echo):
     d = write_policies(str(tmp_path / "policies"), {"p.yaml": POLICY})
     svc = ServiceThread(d)
-    yield svc
-    svc.close()
+    try:
+        with behind_traefik(svc, str(tmp_path), echo.port):
+            yield svc
+    finally:
+        svc.close()
 
 
 def nginx(svc: ServiceThread, url: str, method: str = "GET", **headers: str):
@@ -43,10 +68,13 @@ def nginx(svc: ServiceThread, url: str, method: str = "GET", **headers: str):
 
 
 def traefik(svc: ServiceThread, uri: str, method: str = "GET", path: str = "/authz/sso", **headers: str):
-    """What Traefik's forwardAuth middleware sends (address: http://.../authz/sso)."""
-    return request(svc.svc.http_port, path, method="GET", host="authplane:9002", headers={
-        "x-forwarded-method": method, "x-forwarded-proto": "https", "x-forwarded-host": "app.example.com",
-        "x-forwarded-uri": uri, "x-forwarded-for": "203.0.113.7", **headers})
+    """``method uri`` on app.example.com through the real Traefik whose forwardAuth address is
+    ``path`` on ``svc``, from behind a TLS-terminating load balancer (``X-Forwarded-Proto: https``,
+    trusted). A denial is the decision service's answer as Traefik passes it on; an allowed
+    request's headers are those the upstream received."""
+    entry = next(k for k, v in ADDRESSES.items() if v == path)
+    return _TRAEFIK[svc.svc.http_port].send(entry, uri, method=method, host="app.example.com", headers={
+        "x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.7", **headers})
 
 
 def cookie(token: str) -> dict[str, str]:
@@ -95,6 +123,16 @@ def test_traefik_bearer_token_and_method(service, idp):
     assert r.status == 200 and r.headers["x-auth-request-user"] == "carol"
 
 
+def test_traefik_replaces_client_copies_of_the_identity_headers(service, idp):
+    """authResponseHeaders: the decision's values reach the app, a client's copy never does, even
+    of a header the decision does not set."""
+    r = traefik(service, "/page", **cookie(idp.mint(sub="bob", groups=["dev"])), **{
+        "x-auth-request-user": "mallory", "x-auth-request-groups": "admins", "x-auth-request-email": "m@evil.test"})
+    assert r.status == 200
+    assert (r.headers["x-auth-request-user"], r.headers["x-auth-request-groups"]) == ("bob", "dev")
+    assert "x-auth-request-email" not in r.headers
+
+
 def test_bad_tokens_like_envoy(service, idp):
     assert traefik(service, "/x", **cookie(idp.mint(ttl=-600))).status == 401
     assert traefik(service, "/x", **cookie("not-a-jwt")).status == 401
@@ -128,7 +166,7 @@ def test_no_cache_entry_crosses_users(service, idp):
     assert 'authplane_authz_check_seconds_count{protocol="forward"} 6.0' in metrics
 
 
-def test_remote_jwks_is_fetched_once_and_cached(tmp_path, idp):
+def test_remote_jwks_is_fetched_once_and_cached(tmp_path, idp, echo):
     fetches = []
 
     class Jwks(BaseHTTPRequestHandler):
@@ -152,10 +190,11 @@ def test_remote_jwks_is_fetched_once_and_cached(tmp_path, idp):
         "p.yaml": app_gateway(9) + "---\n" + app_policy(jwt=jwt, name="sso", ext=ext)})
     svc = ServiceThread(d)
     try:
-        for sub in ("alice", "bob"):
-            r = traefik(svc, "/x", **cookie(idp.mint(sub=sub)))
-            assert (r.status, r.headers["x-auth-request-user"]) == (200, sub)
-        assert traefik(svc, "/x").status == 403
+        with behind_traefik(svc, str(tmp_path), echo.port):
+            for sub in ("alice", "bob"):
+                r = traefik(svc, "/x", **cookie(idp.mint(sub=sub)))
+                assert (r.status, r.headers["x-auth-request-user"]) == (200, sub)
+            assert traefik(svc, "/x").status == 403
         assert fetches == ["/jwks.json"]
     finally:
         svc.close()

@@ -16,6 +16,7 @@ from tests.support.http import request
 from tests.support.policies import write_policies
 from tests.support.ports import closed_port
 from tests.support.processes import ServiceThread
+from tests.support.traefik import Traefik, traefik
 
 
 def _route(name: str, hosts: str, match: str) -> str:
@@ -59,28 +60,42 @@ def service(tmp_path_factory):
     svc.close()
 
 
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory, service):
+    """A real Traefik in front of an echo upstream, its forwardAuth address plain ``/authz``."""
+    from authplane.devtools.echo import EchoServer
+
+    echo = EchoServer().start()
+    try:
+        with traefik(str(tmp_path_factory.mktemp("traefik")), {"plain": f"http://127.0.0.1:{service.svc.http_port}/authz"},
+                     echo.port, ["X-Policy"]) as t:
+            yield t
+    finally:
+        echo.stop()
+
+
 def nginx_check(svc: ServiceThread, url: str, path: str = "/authz", **headers: str):
     return request(svc.svc.http_port, path, host="authplane.auth.svc", headers={
         "x-original-url": url, "x-original-method": "GET", "x-real-ip": "203.0.113.7", **headers})
 
 
-def traefik_check(svc: ServiceThread, host: str, uri: str, **headers: str):
-    return request(svc.svc.http_port, "/authz", host="authplane:9002", headers={
-        "x-forwarded-method": "GET", "x-forwarded-proto": "https", "x-forwarded-host": host,
-        "x-forwarded-uri": uri, **headers})
+def traefik_check(proxy: Traefik, host: str, uri: str, **headers: str):
+    """GET ``uri`` on ``host`` through the real Traefik (an allowed request's headers are those the
+    upstream received)."""
+    return proxy.send("plain", uri, host=host, headers={"x-forwarded-proto": "https", **headers})
 
 
-def test_two_hosts_two_policies(service):
+def test_two_hosts_two_policies(service, proxy):
     r = nginx_check(service, "https://shop.example.com/cart", **{"x-team": "shop"})
     assert (r.status, r.headers["x-policy"]) == (200, "shop")
     r = nginx_check(service, "https://shop.example.com/cart", **{"x-team": "blog"})
     assert (r.status, r.body) == (401, "shop says no")
-    r = traefik_check(service, "blog.example.com", "/post/1", **{"x-team": "blog"})
+    r = traefik_check(proxy, "blog.example.com", "/post/1", **{"x-team": "blog"})
     assert (r.status, r.headers["x-policy"]) == (200, "blog")
-    assert traefik_check(service, "blog.example.com", "/post/1", **{"x-team": "shop"}).body == "blog says no"
+    assert traefik_check(proxy, "blog.example.com", "/post/1", **{"x-team": "shop"}).body == "blog says no"
 
 
-def test_route_order_is_envoys(service):
+def test_route_order_is_envoys(service, proxy):
     """The longer prefix wins, on whole segments; the port and the letter case of the host do not
     count; a suffix wildcard takes the other hosts under it."""
     r = nginx_check(service, "http://BLOG.example.com:8443/admin/users", **{"x-team": "admins"})
@@ -90,7 +105,7 @@ def test_route_order_is_envoys(service):
     assert (r.status, r.headers["x-policy"]) == (200, "blog")
     r = nginx_check(service, "http://blog.example.com/x/../admin/y", **{"x-team": "blog"})
     assert r.body == "blog-admin says no"  # normalised before the route is picked
-    r = traefik_check(service, "news.example.com", "/", **{"x-team": "wild"})
+    r = traefik_check(proxy, "news.example.com", "/", **{"x-team": "wild"})
     assert (r.status, r.headers["x-policy"]) == (200, "wild")
 
 

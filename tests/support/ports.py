@@ -29,10 +29,12 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 15, every: floa
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = check()
+            got = check()
         except (OSError, http.client.HTTPException, KeyError) as e:
-            last = e
-        if last:
-            return last
+            last = e  # not there yet: keep polling (an exception is no answer, however truthy)
+        else:
+            if got:
+                return got
+            last = got
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")

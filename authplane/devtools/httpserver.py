@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -23,12 +25,23 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-request (Envoy resetting its upstream connections while it
+        stops) is routine: no traceback. Anything else gets one line, never a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return
+        print(f"{type(self).__name__}: error serving {client_address}: {error!r}", file=sys.stderr)
+
+
 class BackgroundServer:
     """Serves ``handler`` in a daemon thread; ``port`` 0 picks a free port."""
 
     def __init__(self, handler: type[Handler], host: str = "127.0.0.1", port: int = 0):
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), handler)
         self.port: int = self.httpd.server_address[1]
 
     def start(self) -> BackgroundServer:

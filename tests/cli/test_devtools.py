@@ -42,3 +42,23 @@ def test_every_data_file_of_the_package_is_installed():
             if not name.endswith((".py", ".pyc")):
                 patterns = package_data.get(package, [])
                 assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{package}/{name} is not package data"
+
+
+def test_a_client_resetting_its_connection_prints_no_traceback(capfd):
+    """The demo's servers see Envoy reset upstream connections while it stops (a traceback there
+    once broke the demo's clean stop)."""
+    import socket
+    import struct
+    import time
+
+    from authplane.devtools.echo import EchoServer
+
+    server = EchoServer().start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\npartial")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+        time.sleep(0.3)
+    finally:
+        server.stop()
+    assert "Traceback" not in capfd.readouterr().err

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from authplane.errors import CompileError, PolicyError
+from authplane.policy.gcpause import paused_gc
 
 DEFAULT_DIR = "policies"
 
@@ -44,10 +45,31 @@ def _options(args: argparse.Namespace):  # -> CompileOptions
     from authplane.compiler.ir import CompileOptions
     from authplane.controlplane.bootstrap import XDS_CLUSTER
 
-    return CompileOptions(authz_grpc=args.authz_grpc, authz_http=args.authz_http,
-                          decision_log_cluster=XDS_CLUSTER if getattr(args, "decision_log", None) else None)
+    return CompileOptions(authz_grpc=args.authz_grpc, authz_http=args.authz_http, authz_tls=_authz_tls(args),
+                          decision_log_cluster=XDS_CLUSTER if getattr(args, "decision_log", None) else None,
+                          **_decision_log_filter(args))
 
 
+def _authz_tls(args: argparse.Namespace):  # -> AuthzTls | None
+    """TLS to the builtin decision service, if a flag asks for it (``serve --authz-tls-cert``, or
+    ``--authz-tls-ca``/``--authz-tls-server-name`` for a service running elsewhere)."""
+    from authplane.compiler.ir import AuthzTls
+    from authplane.policy.certificates import CertificateError, ca_bundle
+
+    client = bool(getattr(args, "authz_client_ca", None))
+    if not (getattr(args, "authz_tls_cert", None) or args.authz_tls_ca or args.authz_tls_server_name or client):
+        return None
+    ca = None
+    if args.authz_tls_ca:
+        try:
+            with open(args.authz_tls_ca, encoding="utf-8") as f:
+                ca = ca_bundle(f.read(), args.authz_tls_ca)
+        except (OSError, UnicodeDecodeError, CertificateError) as e:
+            raise SystemExit(_fail(f"authplane: --authz-tls-ca: {getattr(e, 'strerror', None) or e}")) from None
+    return AuthzTls(ca, args.authz_tls_server_name, client_cert=client)
+
+
+@paused_gc()  # the whole command: a collection would walk every object loaded (see gcpause.py)
 def cmd_validate(args: argparse.Namespace) -> int:
     from authplane.compiler.render import dump, static_bootstrap, to_dict
     from authplane.compiler.snapshot import compile_policies
@@ -81,13 +103,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+@paused_gc()
 def cmd_render(args: argparse.Namespace) -> int:
     from authplane.compiler.render import dump, snapshot_dict, static_bootstrap, to_dict
     from authplane.compiler.snapshot import compile_policies
 
     snapshots = compile_policies(_load(args), _options(args))
+    if not snapshots:
+        return _fail(f"authplane render: no fleet in {args.dir}: it has no Gateway, so no Envoy gets "
+                     "configuration (routes without a gateway are for forward auth only)")
     if args.fleet not in snapshots:
-        known = ", ".join(snapshots) or "none"
+        known = ", ".join(snapshots)
         return _fail(f"authplane render: unknown fleet {args.fleet!r} (fleets in {args.dir}: {known})")
     snap = snapshots[args.fleet]
     if args.static:
@@ -118,6 +144,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.xds_tls_cert is None) != (args.xds_tls_key is None) or (args.xds_client_ca and not args.xds_tls_cert):
         return _fail("authplane serve: --xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs them)",
                      2)
+    if (args.authz_tls_cert is None) != (args.authz_tls_key is None) or (args.authz_client_ca and
+                                                                        not args.authz_tls_cert):
+        return _fail("authplane serve: --authz-tls-cert and --authz-tls-key go together (and --authz-client-ca "
+                     "needs them)", 2)
+    if _decision_log_filter(args) and not args.decision_log:
+        return _fail("authplane serve: --decision-log-verdicts and --decision-log-sample need --decision-log", 2)
     cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file,
                                   decision_log=args.decision_log, decision_log_queue=args.decision_log_queue))
     cp.store.max_file_size = args.max_file_size
@@ -129,8 +161,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http_listen = None if args.no_authz else args.authz_http_listen or args.authz_http
     if grpc_listen or http_listen:
         from authplane.authz.component import decision_service
+        from authplane.policy.tlsfiles import TlsFiles as AuthzFiles
 
-        authz = decision_service(args.authz_workers, grpc_listen, http_listen)
+        tls = AuthzFiles(args.authz_tls_cert, args.authz_tls_key, args.authz_client_ca) if args.authz_tls_cert else None
+        authz = decision_service(args.authz_workers, grpc_listen, http_listen, tls)
         cp.add_component(authz, registry=authz.registry, on_revision=authz.on_revision)
     cp.load(allow_empty=args.allow_empty)  # PolicyError: problems printed by main(), exit 1
     try:
@@ -174,7 +208,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from authplane.testrun import cmd_explain as run
 
     return run(args.dir, args.fleet, args.method, args.url, args.headers, args.claims, args.client_cert,
-               args.max_file_size)
+               args.max_file_size, args.client_key)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -226,6 +260,45 @@ def _workers(value: str) -> int:
     return int(value)
 
 
+_VERDICTS = ("allow", "deny", "would-deny")  # compiler.resources.VERDICTS (not imported: CLI start-up)
+
+
+def _verdicts(value: str) -> tuple[str, ...]:
+    given = {v.strip() for v in value.split(",")}
+    if not given <= set(_VERDICTS):
+        raise argparse.ArgumentTypeError(f"invalid verdicts {value!r}: expected a comma list of {', '.join(_VERDICTS)}")
+    return tuple(v for v in _VERDICTS if v in given)
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"invalid fraction {value!r}: expected a number in (0, 1], e.g. 0.1")
+    return number
+
+
+def _decision_log_filter_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decision-log-verdicts", type=_verdicts, metavar="LIST",
+                   help="report only these verdicts (comma list of allow, deny, would-deny; default all): Envoy "
+                   "tells them apart itself and never sends the others")
+    p.add_argument("--decision-log-sample", type=_fraction, metavar="FRACTION",
+                   help="report this fraction of the allow entries (by request id; denials and would-denials "
+                   "are all reported; default 1)")
+
+
+def _decision_log_filter(args: argparse.Namespace) -> dict[str, object]:
+    """The CompileOptions of ``--decision-log-verdicts``/``--decision-log-sample``, when given."""
+    out: dict[str, object] = {}
+    if getattr(args, "decision_log_verdicts", None):
+        out["decision_log_verdicts"] = args.decision_log_verdicts
+    if getattr(args, "decision_log_sample", None) is not None:
+        out["decision_log_sample"] = args.decision_log_sample
+    return out
+
+
 def _count(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 10_000_000:
         raise argparse.ArgumentTypeError(f"invalid count {value!r}: expected 1-10000000")
@@ -257,6 +330,7 @@ def _compile_flags(p: argparse.ArgumentParser, decision_log: bool = False) -> No
     if decision_log:
         p.add_argument("--decision-log", action="store_true",
                        help="include the access log that serve --decision-log adds to every listener")
+        _decision_log_filter_flags(p)
 
     p.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_SIZE, metavar="SIZE",
                    help="refuse policy, JWKS, key and secret files larger than this (default 4MiB)")
@@ -264,6 +338,10 @@ def _compile_flags(p: argparse.ArgumentParser, decision_log: bool = False) -> No
                    help="address Envoy uses for the builtin decision service over gRPC")
     p.add_argument("--authz-http", default="127.0.0.1:9002", metavar="HOST:PORT",
                    help="address Envoy uses for the builtin decision service over HTTP")
+    p.add_argument("--authz-tls-ca", metavar="PEM", help="Envoys reach the decision service over TLS, trusting "
+                   "this CA (read here, sent over SDS; default with serve --authz-tls-cert: the system store)")
+    p.add_argument("--authz-tls-server-name", metavar="NAME", help="SNI and the name the decision service's "
+                   "certificate must carry (implies TLS; default: the --authz-grpc/--authz-http host)")
 
 
 def _dir_argument(p: argparse.ArgumentParser) -> None:
@@ -319,12 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the decision service in N processes sharing its ports (default 1; 0: in this "
                    "process, where checks wait while a reload holds it)")
     p.add_argument("--no-authz", action="store_true", help="do not run the decision service")
+    p.add_argument("--authz-tls-cert", metavar="PEM", help="the decision service serves gRPC and HTTP over TLS "
+                   "with this certificate chain (re-read when it changes); Envoys then connect over TLS")
+    p.add_argument("--authz-tls-key", metavar="PEM", help="the private key of --authz-tls-cert")
+    p.add_argument("--authz-client-ca", metavar="PEM", help="the decision service requires client certificates "
+                   "signed by this CA; Envoys present their fleet certificate (authplane bootstrap --xds-client-cert)")
     p.add_argument("--decision-log", metavar="PATH", help="Envoys report each decided request over the xDS "
                    "connection; write them here as JSON lines ('-': stdout; SIGHUP reopens PATH, for rotation) "
                    "and count them on /metrics and /status")
     p.add_argument("--decision-log-queue", type=_count, default=10_000, metavar="N",
                    help="entries that may wait for a slow decision-log writer; more are dropped and counted "
                    "(authplane_decision_log_entries_total{result=\"dropped\"}, default %(default)s)")
+    _decision_log_filter_flags(p)
     p.add_argument("--xds-tls-cert", metavar="PEM", help="serve ADS over TLS with this certificate chain "
                    "(re-read when it changes)")
     p.add_argument("--xds-tls-key", metavar="PEM", help="the private key of --xds-tls-cert")
@@ -377,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request header (repeatable)")
     p.add_argument("--claims", metavar="JSON", help="send a JWT with these claims, minted for the first JWT "
                    "check on the route (its provider is re-keyed for the run)")
-    p.add_argument("--client-cert", metavar="PEM", help="client certificate (not supported yet)")
+    p.add_argument("--client-cert", metavar="PEM", help="send the request over TLS to the fleet's https listener, "
+                   "presenting this client certificate (PEM, with its key unless --client-key)")
+    p.add_argument("--client-key", metavar="PEM", help="the private key of --client-cert")
     _compile_flags(p)
     p.set_defaults(func=cmd_explain)
 

@@ -34,8 +34,8 @@ BUILTIN_HTTP_PREFIX = "/envoy/"
 
 # --- shadow mode (issue 12): where each check's would-deny is found in Envoy's state ----------
 #
-# Every check of a ``mode: shadow`` policy (or a ``mode: shadow`` authorization rule) records its
-# outcome in one place of Envoy's per-request dynamic metadata, the same for every check type:
+# Every check of a ``mode: shadow`` policy (or a ``mode: shadow`` authorization or builtin extAuth
+# rule) records its outcome in one place of Envoy's per-request dynamic metadata, the same for every check type:
 # an RBAC instance's shadow result, in the namespace ``RBAC_FILTER`` (Envoy fixes it, whatever
 # the instance's name), under the keys ``shadow_prefix(check, level, policy) + RBAC_SHADOW_RESULT``
 # (``RBAC_DENIED`` = would-deny, ``RBAC_ALLOWED``) and ``... + RBAC_SHADOW_RULE`` (the rule whose
@@ -68,6 +68,27 @@ def shadow_prefix(check: str, level: str, policy: str) -> str:
     return f"{SHADOW_PREFIX}{check}.{level}.{policy}."
 
 
+# Attribution of enforced RBAC denials (the decision log): Envoy writes, under each instance's
+# ``rules_stat_prefix`` = ``enforced_prefix(policy)``, the enforced engine's result and matched
+# rule, so a denial names its level's policy even when both levels have ``authorization``. An
+# ALLOW engine (``default: deny``) matches no rule when it denies, so such a level also carries,
+# with the decision log on and no shadow rules of its own, its deny rules as DENY ``shadow_rules`` under
+# ``deny_prefix(level, policy)``: ``... + RBAC_SHADOW_RULE`` is the deny rule that excluded the
+# request (``<name>#<n>`` never: the deny rules are not expanded there).
+RBAC_ENFORCED_RESULT = "enforced_engine_result"
+RBAC_ENFORCED_RULE = "enforced_effective_policy_id"
+DENY_PREFIX = "authplane.deny."
+
+
+def enforced_prefix(policy: str) -> str:
+    return f"{policy}."
+
+
+def deny_prefix(level: str, policy: str) -> str:
+    """``authplane.deny.<level>.<policy>.``: where a ``default: deny`` level's deny rule is named."""
+    return f"{DENY_PREFIX}{level}.{policy}."
+
+
 JWT_FAILURE_KEY = "jwt_failure"
 """Shadow JWT detail: ``JWT_FILTER`` namespace, ``{code, message}`` of a token that was presented
 and failed verification (``failed_status_in_metadata``); absent when no token was presented."""
@@ -80,6 +101,8 @@ WOULD_DENY = "would-deny"
 """Shadow builtin ext_authz detail: the decision service answers allow and puts, in its
 OkHttpResponse / CheckResponse ``dynamic_metadata`` (namespace ``EXT_AUTHZ_FILTER``),
 ``{authplane.verdict: would-deny, authplane.policy: <policy>, authplane.rule: <rule or ''>}``
-when it would have denied; nothing when it allows. HTTP mode sends them as response headers that
-Envoy copies there (``dynamic_metadata_from_headers``); a shadow HTTP Backend's Lua call writes the
-same keys (``rule`` empty) when the service answers anything but 200."""
+when it would have denied; nothing when it allows. A ``mode: shadow`` rule of an enforcing policy
+reports the same on an allow of the enforced rules (``rule``: the shadow deny rule). HTTP mode
+sends them as response headers that Envoy copies there (``dynamic_metadata_from_headers``); a
+shadow HTTP Backend's Lua call writes the same keys (``rule`` empty) when the service answers
+anything but 200."""

@@ -7,7 +7,9 @@ that allows or denies, every JWT provider at an inline JWKS of a key generated f
 builtin decision service runs in this process; Envoy runs the fleet's static bootstrap on loopback
 ports the OS chooses, with a file access log (route name, response code details, upstream host)
 that, with the IR (route → checks in ``compiler/filters`` ORDER, each with its policy position),
-tells which check decided.
+tells which check decided. With a client certificate (``explain --client-cert``) the request goes
+over TLS to the fleet's first ``https`` listener (one verifying client certificates if any does),
+presenting the certificate, so ``when.clientCert`` rules are explained like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import http.client
 import json
 import os
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -234,8 +237,12 @@ class Harness(Running):
     """Envoy with a fleet's compiled configuration, the decision service, an echo upstream and
     the ext_authz stubs, all on loopback ports the OS chose; ``stop`` ends every one of them."""
 
-    def __init__(self, policies: PolicySet, fleet: str, stubs: dict[str, str] | None = None) -> None:
+    def __init__(self, policies: PolicySet, fleet: str, stubs: dict[str, str] | None = None,
+                 client_tls: ssl.SSLContext | None = None) -> None:
+        """``client_tls``: requests go to the fleet's https listener over TLS with this context
+        (``client_context``: the client certificate to present)."""
         self.policies, self.fleet, self.stubs = policies, fleet, dict(stubs or {})
+        self.client_tls = client_tls
         known = {g.resource.spec.fleet for g in policies.gateways.values()}
         if fleet not in known:
             raise RunError(f"unknown fleet {fleet!r} (fleets: {', '.join(sorted(known)) or 'none'})")
@@ -263,6 +270,7 @@ class Harness(Running):
         self._grpc: list[grpc.aio.Server] = []
         self._http: list[asyncio.AbstractServer] = []
         self._conn: http.client.HTTPConnection | None = None
+        self._conn_host = ""
         self._lines: dict[str, dict[str, Any]] = {}
         self._read = 0
         self.run_policies = policies
@@ -311,17 +319,24 @@ class Harness(Running):
         self._run(asyncio.sleep(0))
         opts = CompileOptions(authz_grpc=self.svc.grpc_address or "", authz_http=self.svc.http_address or "")
         fleet_ir = translate.build(self.run_policies, opts)[self.fleet]
-        # requests are plain HTTP: the first listener that serves them (not https, not a redirect)
-        plain = [lst for lst in fleet_ir.listeners
-                 if getattr(lst, "tls", None) is None and getattr(lst, "redirect_port", None) is None]
-        self.listener = (plain or fleet_ir.listeners)[0]
+        # plain HTTP: the first listener that serves it (not https, not a redirect); with a client
+        # certificate, or when there is no such listener, HTTPS (a listener verifying client certificates first)
+        plain = [lst for lst in fleet_ir.listeners if lst.tls is None and lst.redirect_port is None]
+        secure = sorted((lst for lst in fleet_ir.listeners if lst.tls is not None),
+                        key=lambda lst: lst.tls is None or lst.tls.spec.client_validation is None)
+        if self.client_tls is None and not plain and secure:
+            self.client_tls = client_context()
+        if self.client_tls is not None and not secure:
+            raise RunError(f"--client-cert: fleet {self.fleet!r} has no https listener")
+        self.listener = secure[0] if self.client_tls is not None else (plain or fleet_ir.listeners)[0]
         boot = static_bootstrap(compile_policies(self.run_policies, opts)[self.fleet], "authplane-test")
         boot.admin.address.socket_address.address = "127.0.0.1"
         boot.admin.address.socket_address.port_value = 0
         for lst in boot.static_resources.listeners:
             lst.address.socket_address.address = "127.0.0.1"
             lst.address.socket_address.port_value = 0
-            for f in (f for chain in lst.filter_chains for f in chain.filters):
+            chains = [*lst.filter_chains, *([lst.default_filter_chain] if lst.HasField("default_filter_chain") else [])]
+            for f in (f for chain in chains for f in chain.filters):
                 manager = hcm.HttpConnectionManager()
                 f.typed_config.Unpack(manager)
                 manager.access_log.append(_access_log(self.log_path))
@@ -389,8 +404,10 @@ class Harness(Running):
         claims.update(token.claims)
         return prov, jwt.encode({"alg": "ES256", "kid": "authplane-test"}, claims, self.key)
 
-    def send(self, request: PolicyTestRequest) -> tuple[str, int, dict[str, str] | None]:
-        """Send one request to Envoy; (case id, status, what the upstream received or None)."""
+    def send(self, request: PolicyTestRequest,
+             context: ssl.SSLContext | None = None) -> tuple[str, int, dict[str, str] | None]:
+        """Send one request to Envoy; (case id, status, what the upstream received or None).
+        ``context``: over its own TLS connection with this client (a PolicyTest's ``clientCert``)."""
         case_id = uuid.uuid4().hex
         headers = {"host": request.host or self.default_host(), **request.headers, CASE_HEADER: case_id}
         path = request.path
@@ -406,12 +423,27 @@ class Harness(Running):
                 headers["cookie"] = (cookie + "; " if cookie else "") + f"{src.cookie}={token}"
             else:
                 path += ("&" if "?" in path else "?") + f"{quote(src.query or '')}={token}"
+        if self._conn is not None and (context is not None or self._conn_host != headers["host"]):
+            self._conn.close()  # over TLS the SNI is the host: a new host, a new connection
+            self._conn = None
         if self._conn is None:
-            self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        self._conn.request(request.method, path, headers=headers)
-        resp = self._conn.getresponse()
-        body = resp.read()
-        if resp.will_close:
+            self._conn_host = headers["host"]
+            tls = context or self.client_tls
+            self._conn = (http.client.HTTPConnection("127.0.0.1", self.port, timeout=30) if tls is None
+                          else _TlsConnection(self.port, tls, headers["host"].rsplit(":", 1)[0]))
+        try:
+            self._conn.request(request.method, path, headers=headers)
+            resp = self._conn.getresponse()
+            body = resp.read()
+        except (ssl.SSLError, ConnectionError, http.client.HTTPException) as e:
+            if self.client_tls is None:
+                raise
+            self._conn.close()
+            self._conn = None
+            assert self.listener is not None
+            raise RunError(f"listener {self.listener.name} refused the TLS connection ({e}): is the client "
+                           "certificate (--client-cert) signed by its clientValidation CA?") from None
+        if resp.will_close or context is not None:
             self._conn.close()
             self._conn = None
         upstream = None
@@ -531,6 +563,7 @@ class Harness(Running):
                 rule = next((d.rule for p, d in decisions if p == last.policy and d.allow), None)
                 if rule in names:
                     where = self._where(last.policy, "extAuth", "rules", names.index(rule))
+                where = self._allowing_rule(last, entry) or where
                 out.decided_by = f"{last.check} ({last.level}) of policy {last.policy} at {where}"
             else:
                 out.decided_by = f"route {route_name} has no checks ({route_where})"
@@ -577,11 +610,53 @@ class Harness(Running):
         ext = self.policies.auth_policies[policy].resource.spec.ext_auth
         return ext is not None and ext.service != "builtin"
 
+    def _allowing_rule(self, step: Step, entry: dict[str, Any]) -> str | None:
+        """``file:line`` of the authorization rule that allowed (Envoy's effective policy id)."""
+        if step.filter != "envoy.filters.http.rbac":
+            return None
+        matched = str((entry.get("rbac") or {}).get(f"{step.policy}.enforced_effective_policy_id") or "")
+        authz = self.policies.auth_policies[step.policy].resource.spec.authorization
+        for i, rule in enumerate(authz.rules if authz else []):
+            if rule.action == "allow" and rule.name == matched.split("#")[0]:
+                return self._where(step.policy, "authorization", "rules", i)
+        return None
+
     def explain(self, request: PolicyTestRequest) -> Outcome:
         start = len(self.recorder.seen)
         case_id, status, upstream = self.send(request)
         entry = self.log_lines([case_id])[case_id]
         return self.outcome(entry, status, upstream, self.recorder.seen[start:])
+
+
+class _TlsConnection(http.client.HTTPSConnection):
+    """HTTPS to Envoy on loopback with ``server_name`` as SNI (it picks the listener's filter chain)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, server_name: str) -> None:
+        super().__init__("127.0.0.1", port, timeout=30, context=context)
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.server_name)  # type: ignore[attr-defined]
+
+
+def client_context(cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A TLS client presenting ``cert`` (a PEM chain, with its key in the same file or in ``key``;
+    no certificate without it). Envoy's own certificate is not verified: it is the run's own Envoy
+    on loopback, and which CA signed the listener's certificate is not what explain is asked about."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert is None:
+        return ctx
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as e:
+        raise RunError(f"--client-cert: cannot read {e.filename or cert}: {e.strerror}") from None
+    except (OSError, ssl.SSLError):
+        raise RunError(f"--client-cert {cert}: not a PEM certificate with its private key "
+                       f"({'--client-key ' + key if key else 'in the same file, or give --client-key'})") from None
+    return ctx
 
 
 # --- authplane test ----------------------------------------------------------------------------
@@ -601,24 +676,36 @@ def _check(case: PolicyTestCase, out: Outcome) -> list[str]:
     return problems
 
 
+def _case_context(doc: Located[PolicyTest], request: PolicyTestRequest) -> ssl.SSLContext | None:
+    """The TLS client of a case with ``clientCert`` (paths relative to the test's file)."""
+    if request.client_cert is None:
+        return None
+    base = os.path.dirname(doc.source.path)
+    return client_context(os.path.join(base, request.client_cert),
+                          os.path.join(base, request.client_key) if request.client_key else None)
+
+
 def run_tests(policies: PolicySet, tests: list[Located[PolicyTest]]) -> list[CaseResult]:
-    """Every case of ``tests``, one Harness (one Envoy) per fleet and set of stubs."""
-    groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[Located[PolicyTest]]] = {}
+    """Every case of ``tests``, one Harness (one Envoy) per fleet, set of stubs and kind of
+    listener (cases with ``clientCert`` go to an https listener)."""
+    groups: dict[tuple[str, tuple[tuple[str, str], ...], bool], list[tuple[Located[PolicyTest], int]]] = {}
     for doc in tests:
         spec = doc.resource.spec
-        groups.setdefault((spec.fleet, tuple(sorted(spec.stubs.items()))), []).append(doc)
+        for i, case in enumerate(spec.cases):
+            key = (spec.fleet, tuple(sorted(spec.stubs.items())), case.request.client_cert is not None)
+            groups.setdefault(key, []).append((doc, i))
     results: list[CaseResult] = []
-    for (fleet, stubs), docs in groups.items():
-        with Harness(policies, fleet, dict(stubs)) as h:
+    for (fleet, stubs, https), cases in groups.items():
+        with Harness(policies, fleet, dict(stubs), client_context() if https else None) as h:
             sent = []
-            for doc in docs:
-                for i, case in enumerate(doc.resource.spec.cases):
-                    started = time.monotonic()
-                    seen = len(h.recorder.seen)
-                    case_id, status, upstream = h.send(case.request)
-                    line, _ = doc.source.at(("spec", "cases", i))
-                    sent.append((doc, case, f"{doc.source.path}:{line}", case_id, status, upstream,
-                                 h.recorder.seen[seen:], time.monotonic() - started))
+            for doc, i in cases:
+                case = doc.resource.spec.cases[i]
+                started = time.monotonic()
+                seen = len(h.recorder.seen)
+                case_id, status, upstream = h.send(case.request, _case_context(doc, case.request))
+                line, _ = doc.source.at(("spec", "cases", i))
+                sent.append((doc, case, f"{doc.source.path}:{line}", case_id, status, upstream,
+                             h.recorder.seen[seen:], time.monotonic() - started))
             lines = h.log_lines(s[3] for s in sent)
             for doc, case, where, case_id, status, upstream, decisions, seconds in sent:
                 out = h.outcome(lines[case_id], status, upstream, decisions)
@@ -733,24 +820,25 @@ def _request(method: str, url: str, headers: list[str]) -> PolicyTestRequest:
 
 
 def cmd_explain(dir: str, fleet: str, method: str, url: str, headers: list[str], claims: str | None,
-                client_cert: str | None, max_file_size: int) -> int:
-    """``authplane explain``: the route, each check with its outcome and position, the status."""
+                client_cert: str | None, max_file_size: int, client_key: str | None = None) -> int:
+    """``authplane explain``: the route, each check with its outcome and position, the status;
+    with ``client_cert``, over TLS to an https listener presenting it."""
     import sys
 
     import pydantic
 
     from authplane.policy.loader import load_dir
 
-    if client_cert is not None:
-        print("authplane explain: --client-cert is not supported yet (explain sends plain HTTP)", file=sys.stderr)
-        return 2
     policies = load_dir(dir, max_file_size)
     try:
+        if client_key is not None and client_cert is None:
+            raise RunError("--client-key needs --client-cert")
+        tls = client_context(client_cert, client_key) if client_cert is not None else None
         request = _request(method, url, headers)
         token = json.loads(claims) if claims is not None else None
         if token is not None and not isinstance(token, dict):
             raise RunError("--claims: expected a JSON object")
-        with Harness(policies, fleet, {name: "allow" for name in _byo_services(policies)}) as h:
+        with Harness(policies, fleet, {name: "allow" for name in _byo_services(policies)}, tls) as h:
             out = h.explain(request)
             if token is not None:
                 # the token is for the first JWT check on the route the request takes

@@ -2,13 +2,17 @@
 off and on, and the entries/s the control plane absorbs.
 
     python bench/decision_log.py [--duration 8] [--connections 32] [--flood 5]
+                                 [--verdicts deny,would-deny] [--sample 0.1]
 
 1. ``off`` / ``on``: wrk (HTTP/1.1 keep-alive) through one Envoy (one worker) that gets its config
    from ``authplane serve`` over ADS; with ``on`` every request is also reported over the xDS
    connection (gRPC access-log service) and written to a file. Printed: req/s of each, the ratio,
    the CPU time per request of Envoy and of ``serve`` (on a machine where they share few cores,
    ``serve``'s share comes out of Envoy's req/s; the Envoy CPU figure is the data plane's own
-   cost), and for ``on`` the entries written / dropped.
+   cost), and for ``on`` the entries written / dropped and ``serve``'s CPU per entry written.
+   ``--verdicts``/``--sample`` add ``serve --decision-log-verdicts``/``--decision-log-sample`` to
+   ``on``: Envoy's access-log filter keeps the other entries in Envoy (none on this all-allowed
+   route with ``--verdicts deny,would-deny``).
 2. ``flood``: a gRPC client streams access-log messages (100 entries each, the shape Envoy sends)
    to ``serve`` as fast as it can for ``--flood`` seconds: the entries/s one control-plane
    process (one event loop, one core) maps, counts and queues, and how many the writer had to
@@ -88,7 +92,8 @@ def decided(serve: ServeProcess) -> float:
 
 def through_envoy(d: str, tmp: str, port: int, token: str, log: str | None, args: argparse.Namespace,
                   ) -> tuple[dict[str, float], ServeProcess | None]:
-    serve = ServeProcess(d, tmp, 0, "--no-authz", *(("--decision-log", log) if log else ())).wait_started()
+    flags = ("--decision-log", log, *args.serve_flags) if log else ()
+    serve = ServeProcess(d, tmp, 0, "--no-authz", *flags).wait_started()
     path = os.path.join(tmp, "edge-1.yaml")
     with open(path, "w") as f:
         f.write(bootstrap_yaml("edge-1", "edge", serve.xds, admin_port=0))
@@ -109,6 +114,8 @@ def through_envoy(d: str, tmp: str, port: int, token: str, log: str | None, args
         if log:
             time.sleep(1.5)  # Envoy flushes its access-log buffer every second
             result.update(entries_metric(serve))
+            written = result.get("written", 0)
+            result["serve_cpu_us_per_entry"] = (after[1] - before[1]) / written * 1e6 if written else None
         return result, serve if log else None
     finally:
         envoy.stop()
@@ -157,8 +164,12 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--flood", type=float, default=5.0)
+    ap.add_argument("--verdicts", help="serve --decision-log-verdicts for the 'on' run")
+    ap.add_argument("--sample", help="serve --decision-log-sample for the 'on' run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    args.serve_flags = [*(("--decision-log-verdicts", args.verdicts) if args.verdicts else ()),
+                        *(("--decision-log-sample", args.sample) if args.sample else ())]
     ensure_tools()
     idp = DevIdentityProvider(issuer="https://idp.bench")
     token = idp.mint(groups=["bench"], ttl=3600)
@@ -187,12 +198,14 @@ def main() -> None:
         return
     print(f"JWT + RBAC route, one Envoy worker, c={args.connections}, {args.duration} s, {os.cpu_count()} cores "
           "shared by wrk, two Envoys and serve")
+    per_entry = f"{on['serve_cpu_us_per_entry']:.1f} us" if on["serve_cpu_us_per_entry"] is not None else "-"
     for name, r in (("off", off), ("on", on)):
         print(f"  decision log {name:<4} {r['rps']:>8.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  "
               f"CPU per request: Envoy {r['envoy_cpu_us']:.1f} us, serve {r['serve_cpu_us']:.1f} us")
     print(f"  on/off: {100 * out['ratio']:.1f}% of the requests/s, Envoy CPU per request "
           f"+{100 * (on['envoy_cpu_us'] / off['envoy_cpu_us'] - 1):.1f}%; entries written "
-          f"{on.get('written', 0):.0f}, dropped {on.get('dropped', 0):.0f}")
+          f"{on.get('written', 0):.0f}, dropped {on.get('dropped', 0):.0f}; serve CPU per entry written "
+          f"{per_entry}{' (' + ' '.join(args.serve_flags) + ')' if args.serve_flags else ''}")
     print(f"  flood ({args.flood:.0f} s, 100 entries a message): {flooded['absorbed_per_s']:.0f} entries/s absorbed "
           f"by one serve process; totals written {flooded.get('written', 0):.0f}, "
           f"dropped {flooded.get('dropped', 0):.0f}")

@@ -9,7 +9,9 @@ measures:
   group of one route in one team's file (403 ↔ 200), renamed over the old file as editors save;
   the time runs from the rename until a kept-alive connection sees the new status;
 - ``render --format json`` time (and CLI start-up alone: ``authplane --help``);
-- serve's peak RSS (VmHWM) at the end.
+- serve's peak RSS (VmHWM) at the end;
+- an invalid save of one file: the time until ``/status`` reports it at its path:line:col, and
+  that the Envoy still enforces the last good snapshot.
 
 Issue 17 targets: see README (Figures).
 
@@ -113,7 +115,38 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def measure(n: int, edits: int, echo: EchoServer, idp: DevIdentityProvider) -> dict[str, float]:
+def invalid_edit(serve: ServeProcess, d: str, port: int, tokens: dict[int, str], teams: int,
+                 flipped: dict[int, dict[int, str]], conn: http.client.HTTPConnection) -> tuple[float, str]:
+    """An invalid save of one team's file (an unknown backend on its last route, and the route
+    flipped as well): (ms until ``/status`` reports it with the file's path:line:col, the first
+    problem). Then checks that the Envoy still enforces the last good snapshot on that route."""
+    team = teams - 1
+    i = (team + 1) * PER_FILE - 1
+    want = 403 if i in flipped[team] else 200
+    path = os.path.join(d, f"team{team:03d}", "routes.yaml")
+    text = team_file(team, {**flipped[team], i: "nobody" if want == 200 else f"team{team}"})
+    head, sep, tail = text.rpartition("backend: echo")
+    start = time.perf_counter()
+    save(path, head + sep + "-missing" + tail)
+    where = f"team{team:03d}/routes.yaml:"
+    while True:
+        error = serve.status().get("last_reload_error") or {}
+        found = [p for p in error.get("problems", []) if where in p]
+        if found:
+            reported = (time.perf_counter() - start) * 1000
+            break
+        if time.perf_counter() - start > 60:
+            raise RuntimeError(f"the invalid edit of {path} was not reported: {error}")
+        time.sleep(0.01)
+    time.sleep(0.5)  # had the change gone through, the Envoy would have it by now
+    status = request(port, f"/svc{i}/x", headers={"authorization": f"Bearer {tokens[team]}"}, conn=conn).status
+    if status != want:
+        raise RuntimeError(f"after the invalid edit /svc{i}/x answers {status}, want {want} (last good)")
+    save(path, team_file(team, flipped[team]))
+    return reported, found[0]
+
+
+def measure(n: int, edits: int, echo: EchoServer, idp: DevIdentityProvider) -> dict[str, float | str]:
     work = tempfile.mkdtemp(prefix=f"authplane-bench-reload-{n}-")
     d = os.path.join(work, "policies")
     os.makedirs(d)
@@ -150,10 +183,12 @@ def measure(n: int, edits: int, echo: EchoServer, idp: DevIdentityProvider) -> d
             wait_status(port, f"/svc{i}/x", tokens[team], 403 if deny else 200, 60, conn)
             times.append(time.perf_counter() - start)
             time.sleep(0.2)  # the next edit is a new save, not part of this one's debounce
+        invalid_ms, problem = invalid_edit(serve, d, port, tokens, teams, flipped, conn)
         rss = peak_rss_mb(serve.proc.pid)
         return {"routes": n, "render_s": render, "listening_s": listening, "cold_s": cold,
                 "edit_p50_ms": pct(times, 50) * 1000, "edit_p99_ms": pct(times, 99) * 1000,
-                "edit_max_ms": max(times) * 1000, "rss_mb": rss}
+                "edit_max_ms": max(times) * 1000, "rss_mb": rss, "invalid_ms": invalid_ms,
+                "problem": problem}
     finally:
         for envoy in envoys:
             envoy.stop()
@@ -177,6 +212,8 @@ def main() -> int:
             print(f"{n:>7} {r['render_s']:>6.2f} s {r['listening_s']:>12.2f} s {r['cold_s']:>13.2f} s "
                   f"{r['edit_p50_ms']:>6.0f} ms {r['edit_p99_ms']:>6.0f} ms {r['edit_max_ms']:>6.0f} ms "
                   f"{r['rss_mb']:>7.0f} MB", flush=True)
+            print(f"{'':>7} invalid edit reported in {r['invalid_ms']:.0f} ms, last good kept serving: "
+                  f"{r['problem']}", flush=True)
         return 0
     finally:
         echo.stop()

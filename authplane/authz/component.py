@@ -23,6 +23,7 @@ from authplane.authz.rules import RuleTable, compile_table
 from authplane.authz.service import AuthzService
 from authplane.authz.workers import RestartCollector, WorkerPool, start_workers
 from authplane.policy.documents import PolicySet
+from authplane.policy.tlsfiles import TlsFiles
 
 
 class Revision(Protocol):
@@ -39,9 +40,9 @@ class Revision(Protocol):
 class InProcess:
     """The decision service on the server's event loop (``--authz-workers 0``)."""
 
-    def __init__(self, grpc_addr: str | None, http_addr: str | None) -> None:
+    def __init__(self, grpc_addr: str | None, http_addr: str | None, tls: TlsFiles | None = None) -> None:
         self.service = AuthzService()
-        self.grpc_addr, self.http_addr = grpc_addr, http_addr
+        self.grpc_addr, self.http_addr, self.tls = grpc_addr, http_addr, tls
         self.registry = self.service.registry
 
     def on_revision(self, rev: Revision) -> None:
@@ -50,7 +51,7 @@ class InProcess:
             self.service.update(rev.policies, rev.rules_version)
 
     async def start(self) -> None:
-        await self.service.start(self.grpc_addr, self.http_addr)
+        await self.service.start(self.grpc_addr, self.http_addr, tls=self.tls)
 
     async def stop(self) -> None:
         await self.service.stop()
@@ -65,8 +66,8 @@ class Workers:
     """``n`` decision processes on shared ports (SO_REUSEPORT), fed compiled rule tables; one that
     exits is restarted with the current table (``authplane_authz_worker_restarts_total`` counts them)."""
 
-    def __init__(self, n: int, grpc_addr: str | None, http_addr: str | None) -> None:
-        self.n, self.grpc_addr, self.http_addr = n, grpc_addr, http_addr
+    def __init__(self, n: int, grpc_addr: str | None, http_addr: str | None, tls: TlsFiles | None = None) -> None:
+        self.n, self.grpc_addr, self.http_addr, self.tls = n, grpc_addr, http_addr, tls
         self.metrics_dir = tempfile.mkdtemp(prefix="authplane-authz-metrics-")
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=self.metrics_dir)
@@ -84,7 +85,7 @@ class Workers:
 
     async def start(self) -> None:
         self.pool = await asyncio.to_thread(start_workers, self.n, self.grpc_addr, self.http_addr, self.table,
-                                            metrics_dir=self.metrics_dir)
+                                            metrics_dir=self.metrics_dir, tls=self.tls)
 
     async def stop(self) -> None:
         if self.pool is not None:
@@ -99,6 +100,8 @@ class Workers:
         return {k: v for k, v in found.items() if v}
 
 
-def decision_service(workers: int, grpc_addr: str | None, http_addr: str | None) -> InProcess | Workers:
-    """The component ``serve --authz-workers N`` runs: N processes, or in-process for 0."""
-    return Workers(workers, grpc_addr, http_addr) if workers else InProcess(grpc_addr, http_addr)
+def decision_service(workers: int, grpc_addr: str | None, http_addr: str | None,
+                     tls: TlsFiles | None = None) -> InProcess | Workers:
+    """The component ``serve --authz-workers N`` runs: N processes, or in-process for 0; ``tls``
+    (``--authz-tls-cert/--authz-tls-key/--authz-client-ca``): both ports over TLS."""
+    return Workers(workers, grpc_addr, http_addr, tls) if workers else InProcess(grpc_addr, http_addr, tls)

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -64,8 +64,11 @@ class Decision:
     expires: float | None = None
     """The JWT's ``exp``: an allow is never cached beyond it."""
     would_deny: str = ""
-    """``mode: shadow``: the policy whose denial (by ``rule``) this allow stands for, reported to
-    Envoy as ``contract.WOULD_DENY`` (``shadow_report``)."""
+    """``mode: shadow``: the policy whose denial (by ``would_deny_rule``) this allow stands for,
+    reported to Envoy as ``contract.WOULD_DENY`` (``shadow_report``)."""
+    would_deny_rule: str = ""
+    """The rule that would have denied (a shadow deny rule, or any rule of a policy in shadow);
+    ``""``: no rule matched."""
 
 
 def deny(reason: str, status: int = 403) -> Decision:
@@ -77,7 +80,7 @@ def deny(reason: str, status: int = 403) -> Decision:
 def shadow_report(d: Decision) -> dict[str, str]:
     """What a shadow allow tells Envoy about the denial it stands for (``authplane/contract.py``):
     gRPC mode sends it as dynamic metadata, HTTP mode as response headers Envoy turns into it."""
-    return {SHADOW_VERDICT_KEY: WOULD_DENY, SHADOW_POLICY_KEY: d.would_deny, SHADOW_RULE_KEY: d.rule}
+    return {SHADOW_VERDICT_KEY: WOULD_DENY, SHADOW_POLICY_KEY: d.would_deny, SHADOW_RULE_KEY: d.would_deny_rule}
 
 
 def api_client(keys: KeyTable, headers: Mapping[str, str]) -> str | None:
@@ -235,15 +238,27 @@ def _deny(pol: CompiledPolicy, rule: Rule, req: Request) -> Decision:
                     reason=f"denied by rule {rule.name!r}")
 
 
-def decide(pol: CompiledPolicy, req: Request) -> Decision:
-    """First matching rule wins; no match denies (403). In shadow a denial becomes an allow that
-    reports it (no headers set: the request passes as it came)."""
-    client = api_client(pol.keys, req.headers) if pol.keys else None
-    decision = deny(f"no rule of policy {pol.name!r} matched")
+def _first(pol: CompiledPolicy, req: Request, client: str | None, with_shadow: bool) -> Decision:
     for rule in pol.rules:
-        if matches(rule.match, req, client):
-            decision = _allow(pol, rule, req, client) if rule.allow else _deny(pol, rule, req)
-            break
-    if pol.shadow and not decision.allow:
-        return Decision(True, decision.rule, reason=f"would deny: {decision.reason}", would_deny=pol.name)
+        if (with_shadow or not rule.shadow) and matches(rule.match, req, client):
+            return _allow(pol, rule, req, client) if rule.allow else _deny(pol, rule, req)
+    return deny(f"no rule of policy {pol.name!r} matched")
+
+
+def decide(pol: CompiledPolicy, req: Request) -> Decision:
+    """First matching rule wins; no match denies (403). ``mode: shadow`` rules are skipped, and the
+    whole list (with them) is evaluated too: if it denies where the enforced rules allow, the
+    allow reports the would-deny. A policy in shadow answers every denial of the whole list as an
+    allow that reports it (no headers set: the request passes as it came)."""
+    client = api_client(pol.keys, req.headers) if pol.keys else None
+    decision = _first(pol, req, client, not pol.shadow_rules)
+    full = _first(pol, req, client, True) if pol.shadow_rules else decision
+    if pol.shadow:
+        if not full.allow:
+            return Decision(True, full.rule, reason=f"would deny: {full.reason}", would_deny=pol.name,
+                            would_deny_rule=full.rule)
+        return decision if decision.allow else Decision(True, full.rule, reason=f"shadow: {full.reason}")
+    if decision.allow and not full.allow:
+        return replace(decision, reason=f"{decision.reason}; would deny: {full.reason}",
+                       would_deny=pol.name, would_deny_rule=full.rule)
     return decision

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from authplane.authz.decider import Decider
 from authplane.authz.evaluate import BROWSER, Decision, Request, deny, shadow_report
 from authplane.authz.rules import CompiledPolicy
-from authplane.authz.signin import SignInError, SignInFlow, _jar, absolute, safe_redirect, session
+from authplane.authz.signin import SignInError, SignInFlow, _jar, absolute, safe_redirect
 from authplane.authz.tokens import InvalidToken
 from authplane.contract import BUILTIN_HTTP_PREFIX, CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
 
@@ -232,12 +232,18 @@ class HttpFrontend:
                 return _response(pol)
         req = Request(method=method.upper(), path=clean, headers=headers,
                       source=_client_ip(h, request.remote or ""), host=host, scheme=scheme)
+        try:
+            claims, set_cookie = await self.signin.session(pol, headers, scheme == "https")
+        except SignInError as e:  # the session store is down: its status, never an allow
+            return _response(deny(str(e), e.status))
         key, hit = self.decider.lookup(pol, req, "forward")
-        signed_in = pol.signin is not None and session(pol, headers) is not None
+        signed_in = claims is not None
+        if pol.signin is not None and not signed_in and hit is not None and hit.allow and "cookie" in headers:
+            hit = None  # allowed with a session that has ended since (signed out, expired)
         if hit is None:
             verifier = self.decider.verifier(pol)
             try:
-                req.claims = session(pol, headers) if pol.signin else None
+                req.claims = claims
                 if req.claims is None and verifier:
                     req.claims = await verifier.verify(headers, urlsplit(req.path).query)
             except InvalidToken as e:
@@ -252,6 +258,8 @@ class HttpFrontend:
         response = self._forward_answer(hit, nginx)
         if auth and hit.allow:
             response.set_status(202)
+        for cookie in set_cookie:  # a renewed or ended session (nginx: auth_request_set)
+            response.headers.add("set-cookie", cookie)
         return response
 
     @staticmethod
@@ -292,7 +300,7 @@ class HttpFrontend:
             if action == "start":
                 location, cookies = self.signin.start(pol, base, absolute(base, target), jar, secure)
             else:
-                location, cookies = self.signin.sign_out(pol, target, jar, secure)
+                location, cookies = await self.signin.sign_out(pol, target, jar, secure)
         except SignInError as e:
             return web.Response(status=e.status, text=f"authplane: {e}\n")
         return _redirect(location, cookies)

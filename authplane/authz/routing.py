@@ -2,7 +2,8 @@
 
 Built once per rule table from the compiler's IR (``translate.build``: the same hosts, the same
 route order, the same matches as the Envoy route configuration), so a proxy in front of an app
-(ingress-nginx ``auth-url``, Traefik ``forwardAuth``) gets the decision Envoy's route would. Fail
+(ingress-nginx ``auth-url``, Traefik ``forwardAuth``) gets the decision Envoy's route would. Routes
+without a gateway (forward auth only) form one more table, ordered the same way. Fail
 closed: an unknown host or path, a route that is public or has no builtin ``extAuth`` policy, or
 one whose policies forward auth cannot run completely, is denied with the reason.
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from authplane.compiler.ir import Checks, ListenerIR, RouteIR
-from authplane.compiler.translate import build
-from authplane.policy.documents import PolicySet
+from authplane.compiler.ir import Checks, specificity
+from authplane.compiler.translate import _domain_covers, build
+from authplane.policy.documents import Located, PolicySet
+from authplane.policy.model import AuthPolicy, RouteMatch
 
 NATIVE_ONLY = (("api_key", "apiKey"), ("basic_auth", "basicAuth"), ("oidc", "oidc"),
                ("authorization", "authorization"))
@@ -107,30 +109,46 @@ def _bare_host(host: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-def _target(lst: ListenerIR, r: RouteIR, builtin: set[str], signin: set[str]) -> Target:
-    if r.public:
-        return Target(r.name, None, f"route {r.name} is public: forward auth answers only with a "
-                                    "builtin extAuth policy")
-    levels: list[Checks] = [c for c in (lst.checks, r.checks) if c is not None]
+FORWARD_ONLY = "forward-auth"
+"""The name of the table of the routes without a gateway."""
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One level's policy, as ``_target`` reads it (an IR ``Checks``, or a forward-only route's)."""
+
+    policy: str
+    level: str
+    spec: AuthPolicy
+
+
+def _levels(*checks: Checks | None) -> list[Level]:
+    return [Level(c.policy, c.level, c.spec) for c in checks if c is not None]
+
+
+def _target(name: str, public: bool, levels: list[Level], builtin: set[str], signin: set[str]) -> Target:
+    """``name``: the route as ``<route>/<rule>``; ``levels``: the gateway and route policies."""
+    if public:
+        return Target(name, None, f"route {name} is public: forward auth answers only with a "
+                                  "builtin extAuth policy")
     if not levels:
-        return Target(r.name, None, f"route {r.name} has no AuthPolicy")
+        return Target(name, None, f"route {name} has no AuthPolicy")
     for c in levels:
         if c.policy not in builtin:
-            return Target(r.name, None, f"route {r.name}: policy {c.policy!r} ({c.level} level) has no "
-                                        "builtin extAuth rules, which forward auth needs")
-        native = [name for attr, name in NATIVE_ONLY if getattr(c.spec, attr) is not None
+            return Target(name, None, f"route {name}: policy {c.policy!r} ({c.level} level) has no "
+                                      "builtin extAuth rules, which forward auth needs")
+        native = [check for attr, check in NATIVE_ONLY if getattr(c.spec, attr) is not None
                   and not (attr == "oidc" and c.policy in signin)]
         if native:
-            return Target(r.name, None, f"route {r.name}: policy {c.policy!r} also has {', '.join(native)}, "
-                                        "which only Envoy runs")
+            return Target(name, None, f"route {name}: policy {c.policy!r} also has {', '.join(native)}, "
+                                      "which only Envoy runs")
     if len(levels) > 1:
-        return Target(r.name, None, f"route {r.name} has builtin policies at both levels "
-                                    f"({levels[0].policy!r}, {levels[1].policy!r}): name one in the URL")
-    return Target(r.name, levels[0].policy)
+        return Target(name, None, f"route {name} has builtin policies at both levels "
+                                  f"({levels[0].policy!r}, {levels[1].policy!r}): name one in the URL")
+    return Target(name, levels[0].policy)
 
 
-def _entry(r: RouteIR, target: Target) -> RouteEntry:
-    m = r.match
+def _entry(m: RouteMatch, target: Target) -> RouteEntry:
     exact = m.path.rstrip("/") or "/" if m.path is not None else None
     prefix = None if exact is not None or m.path_regex is not None else (m.path_prefix or "/").rstrip("/")
     return RouteEntry(exact, prefix, m.path_regex, frozenset(m.methods),
@@ -144,14 +162,45 @@ def _order(domain: str) -> tuple[int, int, str]:
     return (1, -len(domain), domain) if domain.startswith("*") else (0, 0, domain)
 
 
+def _forward_only(p: PolicySet, builtin: set[str], signin: set[str]) -> ListenerRoutes | None:
+    """The routes without a gateway as one more listener: hosts and route order as ``translate``
+    gives Envoy's (a host's routes are those of every hostname covering it, most specific first)."""
+    policy_for: dict[tuple[str, str | None], Located[AuthPolicy]] = {
+        (x.resource.spec.target_ref.name, x.resource.spec.target_ref.rule): x for x in p.auth_policies.values()
+        if x.resource.spec.target_ref.kind == "Route"}
+    routes: list[tuple[tuple[tuple[int, ...], str], list[str], RouteEntry]] = []  # (sort key, hosts, entry)
+    for route in p.routes.values():
+        spec = route.resource.spec
+        if spec.gateway is not None:
+            continue
+        for rule, rule_name in zip(spec.rules, spec.rule_names(), strict=True):
+            pol = (policy_for.get((route.name, rule.name)) if rule.name else None) or policy_for.get((route.name, None))
+            public = pol is not None and pol.resource.spec.public
+            levels = [Level(pol.name, "route", pol.resource.spec)] if pol and not public else []
+            name = f"{route.name}/{rule_name}"
+            entry = _entry(rule.match, _target(name, public, levels, builtin, signin))
+            routes.append(((specificity(rule.match), name), [h.lower() for h in spec.hostnames], entry))
+    if not routes:
+        return None
+    routes.sort(key=lambda r: r[0])
+    hosts = []
+    for domain in sorted({h for _, names, _ in routes for h in names}, key=_order):
+        hosts.append((domain, tuple(e for _, names, e in routes if any(_domain_covers(h, domain) for h in names))))
+    return ListenerRoutes(FORWARD_ONLY, False, tuple(hosts))
+
+
 def route_lookup(p: PolicySet, builtin: set[str], signin: set[str] | None = None) -> RouteLookup:
-    """The lookup table of every fleet's listeners; ``builtin``: the policies with builtin rules;
-    ``signin``: those whose ``oidc`` the decision service runs itself (``/oauth2/*``)."""
+    """The lookup table of every fleet's listeners and of the routes without a gateway;
+    ``builtin``: the policies with builtin rules; ``signin``: those whose ``oidc`` the decision
+    service runs itself (``/oauth2/*``)."""
+    signin = signin or set()
     listeners = []
     for fleet in build(p).values():
         for lst in fleet.listeners:
-            hosts = tuple((vh.name.lower(), tuple(_entry(r, _target(lst, r, builtin, signin or set()))
-                                                  for r in vh.routes))
-                          for vh in sorted(lst.virtual_hosts, key=lambda v: _order(v.name.lower())))
+            hosts = tuple((vh.name.lower(), tuple(
+                _entry(r.match, _target(r.name, r.public, _levels(lst.checks, r.checks), builtin, signin))
+                for r in vh.routes))
+                for vh in sorted(lst.virtual_hosts, key=lambda v: _order(v.name.lower())))
             listeners.append(ListenerRoutes(f"{fleet.name}:{lst.name}", not lst.case_sensitive, hosts))
-    return RouteLookup(tuple(listeners))
+    forward_only = _forward_only(p, builtin, signin)
+    return RouteLookup(tuple(listeners) + ((forward_only,) if forward_only else ()))

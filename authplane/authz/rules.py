@@ -15,7 +15,8 @@ from authplane.authz.routing import RouteLookup, route_lookup
 from authplane.contract import MODE_SHADOW
 from authplane.policy.credentials import parse_api_keys
 from authplane.policy.documents import Located, PolicySet, Resolved
-from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuthConditions, Jwt, Oidc
+from authplane.policy.model import ApiKeys, AuthPolicy, ExtAuth, ExtAuthConditions, Jwt, Oidc
+from authplane.policy.oidc import authorization_url
 from authplane.policy.types import StringMatch
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -101,6 +102,8 @@ class Rule:
     body: str
     headers: tuple[tuple[str, str], ...]
     sign_in: str | None
+    shadow: bool = False
+    """``mode: shadow``: skipped by enforcement, part of the shadow evaluation (``evaluate.decide``)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,14 @@ class SignIn:
     same_site: str
     post_logout_redirect_uri: str | None
     keys: tuple[bytes, ...] = field(repr=False)
+    token_auth: str = "client_secret_post"
+    store: str = "cookie"
+    """``cookie`` or ``redis`` (``session.store``)."""
+    redis_url: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    unavailable_status: int = 503
+    lifetime: float = 604800.0
+    refresh_interval: float | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,8 @@ class CompiledPolicy:
     """``mode: shadow``: a denial is answered as an allow that reports the would-deny."""
     signin: SignIn | None = None
     """``oidc``: forward auth reads the decision service's own session cookie for the claims."""
+    shadow_rules: bool = False
+    """Some rule is ``mode: shadow``: ``decide`` evaluates the rules twice (with and without them)."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +210,8 @@ def _rule(r: Any, ignore_case: bool) -> Rule:
         name=r.name, allow=r.action == "allow", match=Matcher.build(r.when, ignore_case),
         upstream=tuple(sorted(r.upstream_headers.items())), remove=tuple(r.remove_headers),
         response=tuple(sorted(r.response_headers.items())), status=r.deny.status, body=r.deny.body,
-        headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in)
+        headers=tuple(sorted(r.deny.headers.items())), sign_in=r.deny.sign_in,
+        shadow=r.mode == MODE_SHADOW)
 
 
 def compile_policy(item: Located[AuthPolicy], resolved: Resolved, ignore_case: bool = False) -> CompiledPolicy:
@@ -221,10 +235,11 @@ def compile_policy(item: Located[AuthPolicy], resolved: Resolved, ignore_case: b
         uses_url=any(r.deny.sign_in for r in ext.rules) or any(src.query for src in sources),
         jwt=jwt, jwks_files=dict(resolved.jwks),
         strip=tuple(h.lower() for h in strip), shadow=item.resource.spec.mode == MODE_SHADOW,
-        signin=_signin(item.resource.spec.oidc, resolved))
+        signin=_signin(item.resource.spec.oidc, ext, resolved),
+        shadow_rules=any(r.mode == MODE_SHADOW for r in ext.rules))
 
 
-def _signin(spec: Oidc | None, resolved: Resolved) -> SignIn | None:
+def _signin(spec: Oidc | None, ext: ExtAuth, resolved: Resolved) -> SignIn | None:
     found = resolved.oidc
     if spec is None or found is None:
         return None
@@ -232,12 +247,16 @@ def _signin(spec: Oidc | None, resolved: Resolved) -> SignIn | None:
     domain = spec.cookie.domain.lstrip(".").lower() if spec.cookie.domain else None
     return SignIn(
         issuer=spec.issuer, client_id=spec.client_id, client_secret=found.client_secret.decode(),
-        authorization_endpoint=e.authorization, token_endpoint=e.token, jwks_uri=e.jwks,
-        end_session_endpoint=e.end_session, userinfo_endpoint=e.userinfo,
+        authorization_endpoint=authorization_url(spec, ext, e.authorization), token_endpoint=e.token,
+        jwks_uri=e.jwks, end_session_endpoint=e.end_session, userinfo_endpoint=e.userinfo,
         scopes=tuple(dict.fromkeys(["openid", *spec.scopes])), redirect_path=spec.redirect_path,
         cookie_prefix=spec.cookie.prefix, cookie_domain=domain, same_site=spec.cookie.same_site,
         post_logout_redirect_uri=spec.post_logout_redirect_uri,
-        keys=found.session_keys or (found.hmac_secret,))
+        keys=found.session_keys or (found.hmac_secret,), token_auth=spec.token_endpoint_auth,
+        store=spec.session.store, redis_url=spec.session.url,
+        redis_password=found.redis_password.decode() if found.redis_password else None,
+        unavailable_status=spec.session.unavailable_status, lifetime=spec.session.lifetime,
+        refresh_interval=spec.session.refresh_interval)
 
 
 def _case_sensitive(policies: PolicySet, item: Located[AuthPolicy]) -> bool:

@@ -1,4 +1,5 @@
-"""One worker process of ``workers.start_workers``: args GRPC_ADDR HTTP_ADDR (empty: off);
+"""One worker process of ``workers.start_workers``: args GRPC_ADDR HTTP_ADDR (empty: off), then
+optionally CERT KEY [CLIENT_CA] (both ports over TLS, the files watched for rotation);
 rule tables arrive on stdin (length-prefixed pickles from the parent), each acknowledged with a
 ``swapped`` line once it decides checks; EOF stops it. The first table is swapped in before the
 worker listens, so no check is ever answered without rules ("unknown policy")."""
@@ -6,6 +7,7 @@ worker listens, so no check is ever answered without rules ("unknown policy").""
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import sys
 import threading
@@ -13,6 +15,7 @@ from typing import BinaryIO
 
 from authplane.authz.rules import RuleTable
 from authplane.authz.service import AuthzService
+from authplane.policy.tlsfiles import TlsFiles
 
 
 def read_table(stream: BinaryIO) -> RuleTable | None:
@@ -40,13 +43,13 @@ def _reader(loop: asyncio.AbstractEventLoop, svc: AuthzService, done: asyncio.Ev
     loop.call_soon_threadsafe(done.set)
 
 
-async def main(grpc_addr: str, http_addr: str) -> None:
+async def main(grpc_addr: str, http_addr: str, tls: TlsFiles | None = None) -> None:
     svc = AuthzService()
     first = read_table(sys.stdin.buffer)
     if first is None:
         return
     svc.update_table(first)
-    await svc.start(grpc_addr or None, http_addr or None, reuse_port=True)
+    await svc.start(grpc_addr or None, http_addr or None, reuse_port=True, tls=tls)
     done = asyncio.Event()
     threading.Thread(target=_reader, args=(asyncio.get_running_loop(), svc, done), daemon=True).start()
     sys.stdout.write("ready\n")
@@ -56,4 +59,7 @@ async def main(grpc_addr: str, http_addr: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    # stderr is the server's: what a worker logs (a rotated certificate, one it cannot use) shows there
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    files = sys.argv[3:]
+    asyncio.run(main(sys.argv[1], sys.argv[2], TlsFiles(*files) if files else None))

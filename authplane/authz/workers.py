@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from authplane.authz.rules import RuleTable, compile_table
 from authplane.policy.documents import PolicySet
+from authplane.policy.tlsfiles import TlsFiles, load_pems
 
 _LEN = struct.Struct("!I")
 ACK_TIMEOUT = 5.0
@@ -250,16 +251,20 @@ def _end(p: subprocess.Popen[bytes], timeout: float) -> None:
 
 def start_workers(n: int, grpc_addr: str | None = "127.0.0.1:9001",
                   http_addr: str | None = "127.0.0.1:9002", table: RuleTable | None = None,
-                  timeout: float = 30.0, metrics_dir: str | None = None) -> WorkerPool:
+                  timeout: float = 30.0, metrics_dir: str | None = None, tls: TlsFiles | None = None) -> WorkerPool:
     """Start ``n`` worker processes listening on the same ports; returns once all listen, with
     the pool supervising them. ``metrics_dir``: prometheus-client's multiprocess directory
-    (default: a new temporary one)."""
+    (default: a new temporary one). ``tls``: every worker serves TLS with these files (each one
+    watches them); OSError here, before any worker starts, if they are unusable."""
+    if tls is not None:
+        load_pems(tls, "decision service")
     metrics_dir = metrics_dir or tempfile.mkdtemp(prefix="authplane-authz-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     with ExitStack() as stack:
         grpc_addr = _reserve(grpc_addr, stack) if grpc_addr else None
         http_addr = _reserve(http_addr, stack) if http_addr else None
-        args = [sys.executable, "-m", "authplane.authz.worker", grpc_addr or "", http_addr or ""]
+        args = [sys.executable, "-m", "authplane.authz.worker", grpc_addr or "", http_addr or "",
+                *(tls.paths() if tls is not None else ())]
         pool = WorkerPool(args, env, grpc_addr, http_addr, metrics_dir, timeout)
         try:
             pool.start(n, table or RuleTable.empty())

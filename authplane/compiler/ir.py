@@ -140,6 +140,8 @@ class ClusterIR:
     """HTTP/2: concurrent streams per connection; beyond it Envoy opens another connection."""
     tls_material: TlsMaterial | None = field(default=None, repr=False)
     """``tls: {caFile, certFile, keyFile}``: the CA and client certificate, sent over SDS."""
+    static_client_cert: str | None = field(default=None, repr=False)
+    """The name of a client certificate secret of Envoy's bootstrap (its own key, never sent)."""
 
     @property
     def static_ips(self) -> bool:
@@ -155,15 +157,38 @@ class ClusterIR:
 
 
 @dataclass(frozen=True)
+class AuthzTls:
+    """Envoys reach authplane's own decision service over TLS (``serve --authz-tls-cert``, or
+    ``--authz-tls-ca`` for one running elsewhere)."""
+
+    ca: str | None = None
+    """PEM of ``--authz-tls-ca`` (sent to Envoys over SDS); None: Envoy's system trust store."""
+    server_name: str | None = None
+    """SNI and the SAN the service's certificate must carry (default: the address's host; an IP
+    address is checked as an IP SAN, without SNI)."""
+    client_cert: bool = False
+    """``serve --authz-client-ca``: Envoys present their fleet certificate, the static secret
+    ``authplane bootstrap --xds-client-cert`` writes (``tls.FLEET_CERT_SECRET``)."""
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     """Addresses Envoy uses to reach authplane's own decision service, and its decision log."""
 
     authz_grpc: str = "127.0.0.1:9001"
     authz_http: str = "127.0.0.1:9002"
+    authz_tls: AuthzTls | None = None
+    """Set: the builtin clusters verify the decision service's certificate (off by default, so
+    the compiled output is unchanged unless asked for)."""
     decision_log_cluster: str | None = None
     """Set (``serve --decision-log``): every listener reports each request over Envoy's gRPC
     access-log service to this cluster (authplane's own xDS cluster of the bootstrap). Off by
     default, so ``render``/``validate`` output is unchanged unless asked for."""
+    decision_log_verdicts: tuple[str, ...] = ("allow", "deny", "would-deny")
+    """``serve --decision-log-verdicts``: the verdicts Envoy reports; it tells them apart itself (an
+    access-log filter, ``resources.decision_log``), so the others never leave Envoy."""
+    decision_log_sample: float = 1.0
+    """``serve --decision-log-sample``: the fraction of ``allow`` entries Envoy reports."""
 
 
 @dataclass(frozen=True)

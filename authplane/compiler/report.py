@@ -36,7 +36,8 @@ def _section(name: str, checks: Checks) -> str:
         return f"authorization (default {a.default}, {len(a.rules)} rule{'' if len(a.rules) == 1 else 's'})"
     if name == "extAuth" and spec.ext_auth is not None:
         ext = spec.ext_auth
-        return f"extAuth {ext.service}" + (f" ({len(ext.rules)} rules)" if ext.rules else "")
+        where = "; decided in Envoy by the native module" if ext.engine == "native" else ""
+        return f"extAuth {ext.service}" + (f" ({len(ext.rules)} rules{where})" if ext.rules else "")
     return name
 
 
@@ -53,6 +54,9 @@ def _checks(p: PolicySet, checks: Checks) -> str:
         parts.append(_section(name, checks) + where)
     if checks.spec.satisfy.mode == "any":
         parts.append("satisfy any")
+    if checks.spec.filters:  # dynamic modules (compiler/filters/dynamic_module.py)
+        parts.append("filters " + ", ".join(f"{f.name} ({f.place})" if f.enabled else f"{f.name} (off)"
+                                            for f in checks.spec.filters))
     o = checks.origin
     return f"AuthPolicy {checks.policy} ({o.path}:{o.line}): " + (", ".join(parts) or "no checks")
 

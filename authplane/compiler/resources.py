@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -11,12 +12,14 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as cel_filter
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_als
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -25,7 +28,14 @@ from authplane.compiler.filters import ORDER, auth_method, router
 from authplane.compiler.filters.base import disable
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
 from authplane.compiler.protos import ads_source, duration, pack, socket_address
-from authplane.contract import IDENTITY_HEADERS
+from authplane.contract import (
+    IDENTITY_HEADERS,
+    MODE_SHADOW,
+    RBAC_DENIED,
+    RBAC_FILTER,
+    RBAC_SHADOW_RESULT,
+    shadow_prefix,
+)
 from authplane.policy.model import AuthPolicySpec
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -62,10 +72,74 @@ def identity_headers(spec: AuthPolicySpec) -> list[str]:
     return sorted(n for n in names if n)
 
 
+VERDICTS = ("allow", "deny", "would-deny")
+_UPSTREAM = "response.code_details == 'via_upstream'"
+"""The upstream answered: every check let the request pass (else a check's local reply denied it)."""
+SAMPLE_RUNTIME_KEY = "authplane.decision_log.allow_sample"
+
+
+def shadow_result_keys(lst: ListenerIR) -> list[str]:
+    """The dynamic metadata keys where the listener's shadow checks record their result (a superset:
+    a key a route never writes is just absent there)."""
+    keys = set()
+    for c in lst.all_checks():
+        spec = c.spec
+        for check, section in (("authorization", spec.authorization), ("jwt", spec.jwt),
+                               ("basicAuth", spec.basic_auth), ("apiKey", spec.api_key), ("extAuth", spec.ext_auth)):
+            rules = getattr(section, "rules", None) or ()
+            if section is not None and (spec.mode == MODE_SHADOW or any(r.mode == MODE_SHADOW for r in rules)):
+                keys.add(shadow_prefix(check, c.level, c.policy) + RBAC_SHADOW_RESULT)
+    return sorted(keys)
+
+
+def _shadow_denied(keys: list[str]) -> str:
+    """CEL: some shadow check recorded a would-deny (``contract.py``: every check type records one
+    under one of ``keys``). Envoy's CEL has no comprehensions: the keys are spelled out."""
+    if not keys:
+        return "false"
+    ns = f"metadata.filter_metadata[{json.dumps(RBAC_FILTER)}]"
+    found = " || ".join(f"({json.dumps(k)} in {ns} && {ns}[{json.dumps(k)}] == {json.dumps(RBAC_DENIED)})"
+                        for k in keys)
+    return f"({json.dumps(RBAC_FILTER)} in metadata.filter_metadata && ({found}))"
+
+
+def _cel(expression: str) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+        name="envoy.access_loggers.extension_filters.cel", typed_config=pack(cel_filter.ExpressionFilter(
+            expression=expression))))
+
+
+def verdict_filter(verdicts: tuple[str, ...], sample: float, shadow_keys: list[str],
+                   ) -> accesslog_pb2.AccessLogFilter | None:
+    """The entries Envoy reports (``serve --decision-log-verdicts``/``--decision-log-sample``),
+    told apart as the decision log does (``controlplane/decisions.py``): ``deny`` a check's local
+    reply, ``would-deny`` a shadow record, ``allow`` the rest, of which a runtime filter keeps
+    ``sample`` (by request id). None: every entry (the default, no filter evaluated)."""
+    if set(verdicts) >= set(VERDICTS) and sample >= 1:
+        return None
+    shadow = _shadow_denied(shadow_keys)
+    allow = f"{_UPSTREAM} && !{shadow}"
+    parts = ([f"!({_UPSTREAM})"] if "deny" in verdicts else []) + (
+        [f"{_UPSTREAM} && {shadow}"] if "would-deny" in verdicts and shadow_keys else [])
+    if "allow" in verdicts and sample >= 1:
+        parts.append(allow)
+    filters = [_cel(" || ".join(f"({p})" for p in parts))] if parts else []
+    if "allow" in verdicts and sample < 1:
+        share = percent_pb2.FractionalPercent(numerator=round(sample * 1_000_000),
+                                              denominator=percent_pb2.FractionalPercent.MILLION)
+        sampled = accesslog_pb2.RuntimeFilter(runtime_key=SAMPLE_RUNTIME_KEY, percent_sampled=share)
+        filters.append(accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(
+            filters=[_cel(allow), accesslog_pb2.AccessLogFilter(runtime_filter=sampled)])))
+    if len(filters) <= 1:
+        return filters[0] if filters else _cel("false")  # nothing of these verdicts on this listener
+    return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=filters))
+
+
 def decision_log(lst: ListenerIR, cluster: str) -> accesslog_pb2.AccessLog:
     """Envoy's gRPC access log to authplane: route, response code details and dynamic metadata
     (the JWT payload, shadow results) come with every entry; of the request headers only the
-    identity headers the listener's checks set are added (no ``authorization``, key or cookie)."""
+    identity headers the listener's checks set are added (no ``authorization``, key or cookie).
+    The verdict filter, if any, runs in Envoy: unwanted entries are never built nor sent."""
     cfg = grpc_als.HttpGrpcAccessLogConfig(
         common_config=grpc_als.CommonGrpcAccessLogConfig(
             log_name=DECISION_LOG_NAME, transport_api_version=config_source_pb2.V3,
@@ -73,7 +147,9 @@ def decision_log(lst: ListenerIR, cluster: str) -> accesslog_pb2.AccessLog:
             grpc_service=grpc_service_pb2.GrpcService(
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster))),
         additional_request_headers_to_log=sorted({h for c in lst.all_checks() for h in identity_headers(c.spec)}))
-    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(cfg))
+    opts = lst.env.opts
+    found = verdict_filter(opts.decision_log_verdicts, opts.decision_log_sample, shadow_result_keys(lst))
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(cfg), filter=found)
 
 
 def listener(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> listener_pb2.Listener:

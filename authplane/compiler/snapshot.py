@@ -13,6 +13,7 @@ from authplane.compiler import translate
 from authplane.compiler.ir import CompileOptions, Origin
 from authplane.compiler.resources import TYPE_ORDER, fleet_resources
 from authplane.policy.documents import PolicySet
+from authplane.policy.gcpause import paused_gc
 
 
 def _digest(data: bytes) -> str:
@@ -47,6 +48,7 @@ class Compiled:
     """The fleets compiled this time (the others were the previous snapshots)."""
 
 
+@paused_gc()
 def compile_changed(policies: PolicySet, opts: CompileOptions | None = None,
                     previous: Compiled | None = None) -> Compiled:
     """``compile_policies``, reusing ``previous``'s snapshot of every fleet whose inputs are
@@ -61,6 +63,7 @@ def compile_changed(policies: PolicySet, opts: CompileOptions | None = None,
                     tuple(fresh))
 
 
+@paused_gc()
 def compile_policies(policies: PolicySet, opts: CompileOptions | None = None,
                      only: Collection[str] | None = None) -> dict[str, Snapshot]:
     """Policies → one snapshot per fleet (or per fleet in ``only``). Pure: the same policies give

@@ -9,6 +9,8 @@ SNI on the certificate's DNS names, and the first certificate as its default cha
 
 from __future__ import annotations
 
+import ipaddress
+
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -28,6 +30,9 @@ from authplane.policy.documents import KeyPair
 SOCKET = "envoy.transport_sockets.tls"
 SYSTEM_TRUST = "/etc/ssl/certs/ca-certificates.crt"
 REDIRECT_ROUTE = "authplane:redirect-to-https"
+FLEET_CERT_SECRET = "authplane:fleet-certificate"
+"""A static secret of the bootstrap (``authplane bootstrap --xds-client-cert``): the Envoy's fleet
+certificate and key as paths it reads, presented to the decision service (``--authz-client-ca``)."""
 _VERSIONS = {"1.2": common_pb2.TlsParameters.TLSv1_2, "1.3": common_pb2.TlsParameters.TLSv1_3}
 
 
@@ -131,12 +136,14 @@ def redirect_routes(out: route_pb2.RouteConfiguration, port: int) -> route_pb2.R
 
 def upstream_socket(c: ClusterIR) -> base_pb2.TransportSocket:
     """The endpoints' certificate verified (the Backend's CA over SDS, else the system store) and
-    required to name the SNI; with a client certificate, mTLS."""
+    required to name the SNI; with a client certificate, mTLS. An IP address instead of a name is
+    sent as no SNI and checked as an IP SAN."""
     sni = c.sni or c.endpoints[0][0]
-    ctx = tls_pb2.UpstreamTlsContext(sni=sni)
+    ip = _is_ip(sni)
+    ctx = tls_pb2.UpstreamTlsContext(sni="" if ip else sni)
     common = ctx.common_tls_context
-    names = common_pb2.SubjectAltNameMatcher(san_type=common_pb2.SubjectAltNameMatcher.DNS,
-                                             matcher=string_pb2.StringMatcher(exact=sni))
+    san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS if ip else common_pb2.SubjectAltNameMatcher.DNS
+    names = common_pb2.SubjectAltNameMatcher(san_type=san_type, matcher=string_pb2.StringMatcher(exact=sni))
     material = c.tls_material
     if material is not None and material.ca is not None:
         combined = common.combined_validation_context
@@ -147,7 +154,17 @@ def upstream_socket(c: ClusterIR) -> base_pb2.TransportSocket:
         common.validation_context.match_typed_subject_alt_names.append(names)
     if material is not None and material.certificates:
         common.tls_certificate_sds_secret_configs.append(_sds(cert_secret_name(_backend_owner(c))))
+    if c.static_client_cert is not None:  # no sds_config: the bootstrap's static secret
+        common.tls_certificate_sds_secret_configs.add(name=c.static_client_cert)
     return _socket(ctx)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def cluster_secrets(c: ClusterIR) -> list[secret_pb2.Secret]:

@@ -18,6 +18,7 @@ from authplane.compiler.ir import ClusterIR
 from authplane.compiler.protos import ads_source, duration, pack, socket_address
 from authplane.compiler.render import dump, to_dict
 from authplane.compiler.resources import cluster
+from authplane.compiler.tls import FLEET_CERT_SECRET
 
 XDS_CLUSTER = "_authplane_xds"
 """Policy names start with a letter or digit, so no Backend can take this cluster name."""
@@ -101,6 +102,11 @@ def bootstrap(node_id: str, fleet: str, xds: str | Sequence[str] = "127.0.0.1:18
         xds_cluster.transport_socket.name = "envoy.transport_sockets.tls"
         xds_cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(tls)))
     boot.static_resources.clusters.append(xds_cluster)
+    if tls is not None and tls.cert is not None and tls.key is not None:
+        # the same certificate, for the decision service when it requires one (serve --authz-client-ca)
+        secret = boot.static_resources.secrets.add(name=FLEET_CERT_SECRET)
+        secret.tls_certificate.certificate_chain.filename = tls.cert
+        secret.tls_certificate.private_key.filename = tls.key
 
     monitor = boot.overload_manager.resource_monitors.add(
         name="envoy.resource_monitors.global_downstream_max_connections")

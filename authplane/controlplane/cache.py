@@ -1,17 +1,24 @@
 """The snapshot cache: what each fleet is served now, and which streams to tell when it changes.
 
-It knows nothing of the xDS protocols; streams read ``PackedSnapshot`` snapshots and get a
-``snapshot_changed()`` call when their fleet's version changes.
+It knows nothing of the xDS protocols' flow; streams read ``PackedSnapshot`` snapshots and get
+a ``snapshot_changed()`` call when their fleet's version changes.
+
+A push reaches every stream of a fleet, most with the same subscription: each distinct response
+is serialised once per snapshot (``PackedSnapshot.delta_body`` / ``sotw_body``) and its bytes are
+shared by every stream that sends it, each appending only its own nonce (``with_nonce``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import Message
 
 from authplane.compiler.protos import pack
 from authplane.compiler.resources import CLUSTER, LISTENER, TYPE_ORDER
@@ -21,6 +28,41 @@ log = logging.getLogger("authplane.xds")
 
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
 """Types an Envoy receives in full (wildcard); routes and endpoints are requested by name."""
+
+CONTROL_PLANE = base_pb2.ControlPlane(identifier="authplane")
+
+MAX_BODIES = 256
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Bounds on the serialised responses one snapshot keeps (clients with unusual subscriptions
+get theirs serialised per stream beyond them, never an unbounded cache)."""
+
+_DELTA_NONCE = discovery_pb2.DeltaDiscoveryResponse.DESCRIPTOR.fields_by_name["nonce"].number
+_SOTW_NONCE = discovery_pb2.DiscoveryResponse.DESCRIPTOR.fields_by_name["nonce"].number
+assert _DELTA_NONCE == _SOTW_NONCE  # one tag for both: field 5, length-delimited
+_NONCE_TAG = bytes([_DELTA_NONCE << 3 | 2])
+
+
+def with_nonce(body: bytes, nonce: str) -> bytes:
+    """A serialised response with its ``nonce`` field appended: protobuf fields may come in any
+    order, so this parses as the response with that nonce set (nonces are short: one length byte
+    up to 127 bytes)."""
+    raw = nonce.encode()
+    if len(raw) > 127:
+        raise ValueError("nonce over 127 bytes")
+    return body + _NONCE_TAG + bytes([len(raw)]) + raw
+
+
+class _Bodies:
+    """One snapshot's serialised responses, bounded by ``MAX_BODIES`` and ``MAX_BODY_BYTES``."""
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[object, ...], bytes] = {}
+        self.size = 0
+
+    def keep(self, key: tuple[object, ...], body: bytes) -> None:
+        if len(self.found) < MAX_BODIES and self.size + len(body) <= MAX_BODY_BYTES:
+            self.found[key] = body
+            self.size += len(body)
 
 
 @dataclass(frozen=True)
@@ -32,6 +74,34 @@ class PackedSnapshot:
     """type URL → name → Delta ``Resource`` (its ``resource`` field is the SotW ``Any``)."""
     keys: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     """type URL → (name, resource version) of every resource: what a wildcard stream has."""
+    _bodies: _Bodies = field(default_factory=lambda: _Bodies(), repr=False, compare=False)
+    unchanged_since: tuple[str, frozenset[str]] = ("", frozenset())
+    """(the version this snapshot replaced, the types whose resources that one had alike):
+    computed once per fleet and change, so a stream synced to the previous version skips those
+    types without comparing anything itself (``DeltaStream.respond``)."""
+
+    def _shared(self, type_url: str, key: tuple[object, ...],
+                build: Callable[[dict[str, discovery_pb2.Resource]], Message]) -> bytes:
+        """The serialised response ``key`` names, built by ``build`` from the type's resources the
+        first time a stream needs it."""
+        body = self._bodies.found.get(key)
+        if body is None:
+            body = build(self.resources.get(type_url, {})).SerializeToString(deterministic=True)
+            self._bodies.keep(key, body)
+        return body
+
+    def delta_body(self, type_url: str, send: tuple[str, ...], removed: tuple[str, ...]) -> bytes:
+        """The serialised ``DeltaDiscoveryResponse`` carrying ``send`` and ``removed``, no nonce."""
+        return self._shared(type_url, ("delta", type_url, send, removed), lambda current: (
+            discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=self.version, type_url=type_url, control_plane=CONTROL_PLANE,
+                resources=[current[name] for name in send], removed_resources=removed)))
+
+    def sotw_body(self, type_url: str, names: tuple[str, ...]) -> bytes:
+        """The serialised ``DiscoveryResponse`` carrying ``names``, no nonce."""
+        return self._shared(type_url, ("sotw", type_url, names), lambda current: discovery_pb2.DiscoveryResponse(
+            version_info=self.version, type_url=type_url, control_plane=CONTROL_PLANE,
+            resources=[current[name].resource for name in names]))
 
     @property
     def version(self) -> str:
@@ -44,8 +114,13 @@ class PackedSnapshot:
     def versions(self, type_url: str) -> dict[str, str]:
         return self.snapshot.resource_versions.get(type_url, {})
 
+    def unchanged(self, type_url: str, since: PackedSnapshot | None) -> bool:
+        """Whether this snapshot's resources of ``type_url`` are those ``since`` had (known for
+        the snapshot it replaced only)."""
+        return since is not None and since.version == self.unchanged_since[0] and type_url in self.unchanged_since[1]
+
     @classmethod
-    def of(cls, snap: Snapshot) -> PackedSnapshot:
+    def of(cls, snap: Snapshot, previous: PackedSnapshot | None = None) -> PackedSnapshot:
         resources: dict[str, dict[str, discovery_pb2.Resource]] = {}
         keys: dict[str, tuple[tuple[str, str], ...]] = {}
         for type_url in TYPE_ORDER:
@@ -54,7 +129,10 @@ class PackedSnapshot:
                 name: discovery_pb2.Resource(name=name, version=versions[name], resource=pack(msg))
                 for name, msg in snap.resources[type_url].items()}
             keys[type_url] = tuple((name, versions[name]) for name in resources[type_url])
-        return cls(snap, resources, keys)
+        if previous is None:
+            return cls(snap, resources, keys)
+        alike = frozenset(t for t in snap.resource_versions if previous.versions(t) == snap.resource_versions[t])
+        return cls(snap, resources, keys, unchanged_since=(previous.version, alike))
 
 
 class Watcher(Protocol):
@@ -93,7 +171,7 @@ class SnapshotCache:
         fleets: dict[str, PackedSnapshot] = {}
         for fleet, snap in snapshots.items():
             old = self._fleets.get(fleet)
-            fleets[fleet] = old if old is not None and old.version == snap.version else PackedSnapshot.of(snap)
+            fleets[fleet] = old if old is not None and old.version == snap.version else PackedSnapshot.of(snap, old)
         for fleet in sorted(set(self._fleets) | set(fleets)):
             before = self._fleets.get(fleet)
             after = fleets.get(fleet)

@@ -10,9 +10,10 @@ revision's IR, to the policy, level, check and rule that decided it, then
 - summarised per shadow policy for ``/status``: would-deny count, rate and top identities.
 
 A record names identities only: the JWT ``sub``, the API-key client and Basic user (the headers
-authplane's own checks set), the certificate SAN. Envoy sends no token, key, password or cookie:
-the access log adds no request header but those identity headers, and no path (a query can carry
-a key); the JWT payload in the dynamic metadata is read for ``sub`` only.
+authplane's own checks set), the certificate SAN. Envoy sends no token, key, password or cookie
+header: the access log adds no request header but those identity headers; the path Envoy always
+sends (with its query, which can carry a key) is never read, and the JWT payload in the dynamic
+metadata is read for ``sub`` only.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class RouteChecks:
     header_ids: tuple[tuple[str, str], ...] = field(init=False)
     """(identity kind, header) that the enforcing checks of this route set."""
     shadow: bool = field(init=False)
+    allowed: Decision = field(init=False)
+    """The decision of a request every check let pass (one object: entries reuse its line parts)."""
 
     def __post_init__(self) -> None:
         ids: dict[str, str] = {}
@@ -76,6 +79,7 @@ class RouteChecks:
                 ids.update((h, kind) for kind, h in _identity_headers(c))
         object.__setattr__(self, "header_ids", tuple((kind, h) for h, kind in ids.items()))
         object.__setattr__(self, "shadow", any(in_shadow(c) for c in self.levels()))
+        object.__setattr__(self, "allowed", Decision(self.levels()[-1], "", None, "allow"))
 
     def levels(self) -> list[Checks]:
         return [c for c in (self.gateway, self.route) if c is not None]
@@ -127,9 +131,15 @@ class Decision:
         return f"{o.path}:{o.line}"
 
 
-def _rule_names(checks: Checks) -> set[str]:
+def _authz_rules(checks: Checks) -> set[str]:
     authz = checks.spec.authorization
     return {r.name for r in authz.rules} if authz else set()
+
+
+def _rule_names(checks: Checks) -> set[str]:
+    """The names a record may give as ``rule``: authorization and builtin extAuth rules."""
+    authz, ext = checks.spec.authorization, checks.spec.ext_auth
+    return {r.name for r in (*(authz.rules if authz else ()), *((ext and ext.rules) or ()))}
 
 
 def _with(levels: list[Checks], has: Callable[[Checks], object]) -> Checks | None:
@@ -151,16 +161,28 @@ CHECKS_BY_DETAIL: tuple[tuple[str, str, Callable[[Checks], object]], ...] = (
 RBAC_DENIED = "rbac_access_denied_matched_policy["
 
 
-def _rbac(levels: list[Checks], details: str) -> Decision | None:
+def _rbac(levels: list[Checks], details: str, meta: Any) -> Decision | None:
+    """The level whose RBAC engine denied: the one Envoy wrote ``denied`` for under its policy's
+    ``contract.enforced_prefix``, else (an older Envoy) guessed from the rule names. Under
+    ``default: deny`` Envoy matches no rule (``[none]``): the deny rule that excluded the request,
+    if one did, is the match of the level's ``contract.deny_prefix`` shadow rules."""
     matched = details[len(RBAC_DENIED):].rstrip("]").partition("#")[0]  # "rule#2": CEL variants
-    if matched == "none":  # default deny, no allow rule matched
-        at = _with(levels, lambda c: c.spec.authorization and c.spec.authorization.default == "deny")
-        return Decision(at, "authorization", None, "deny") if at else None
-    at = _with(levels, lambda c: matched in _rule_names(c))
-    return Decision(at, "authorization", matched, "deny") if at else None
+    rbac = _fields(meta, contract.RBAC_FILTER)
+    at = next((c for c in levels if c.spec.authorization and _string(
+        rbac, contract.enforced_prefix(c.policy) + contract.RBAC_ENFORCED_RESULT) == contract.RBAC_DENIED), None)
+    if matched == "none":  # default deny: no allow rule matched, or a deny rule excluded the request
+        at = at or _with(levels, lambda c: c.spec.authorization and c.spec.authorization.default == "deny")
+        if at is None:
+            return None
+        prefix = contract.deny_prefix(at.level, at.policy)
+        rule = _string(rbac, prefix + contract.RBAC_SHADOW_RULE) if _string(
+            rbac, prefix + contract.RBAC_SHADOW_RESULT) == contract.RBAC_DENIED else None
+        return Decision(at, "authorization", rule if rule in _authz_rules(at) else None, "deny")
+    at = at or _with(levels, lambda c: matched in _authz_rules(c)) or _with(levels, lambda c: c.spec.authorization)
+    return Decision(at, "authorization", matched if matched in _authz_rules(at) else None, "deny") if at else None
 
 
-def enforced(rc: RouteChecks, details: str) -> Decision | None:
+def enforced(rc: RouteChecks, details: str, meta: Any = None) -> Decision | None:
     """The enforcing check that denied the request, from Envoy's response code details (a
     policy in shadow denies nothing: it is never the one)."""
     levels = [c for c in rc.levels() if getattr(c.spec, "mode", contract.MODE_ENFORCE) != contract.MODE_SHADOW]
@@ -170,7 +192,7 @@ def enforced(rc: RouteChecks, details: str) -> Decision | None:
         at = _with(levels, lambda c: c.spec.satisfy.mode == "any")
         return Decision(at or levels[-1], "satisfy", None, "deny")
     if details.startswith(RBAC_DENIED):
-        return _rbac(levels, details)
+        return _rbac(levels, details, meta)
     for prefix, check, has in CHECKS_BY_DETAIL:
         if prefix in details:
             at = _with(levels, has)
@@ -181,6 +203,8 @@ def enforced(rc: RouteChecks, details: str) -> Decision | None:
 
 def _fields(meta: Any, namespace: str) -> Any:
     """The fields of one namespace of the dynamic metadata (empty if absent), read in place."""
+    if meta is None:
+        return {}
     found = meta.filter_metadata.get(namespace)
     return found.fields if found is not None else {}
 
@@ -204,30 +228,33 @@ def shadow_denials(rc: RouteChecks, meta: Any) -> list[Decision]:
     RBAC instances' shadow results (every check type), and the builtin ext_authz metadata."""
     by_level = {(c.level, c.policy): c for c in rc.levels()}
     out: list[Decision] = []
+    reported: list[Decision] = []
+    ext = _fields(meta, contract.EXT_AUTHZ_FILTER)
+    if _string(ext, contract.SHADOW_VERDICT_KEY) == contract.WOULD_DENY:
+        policy, rule = _string(ext, contract.SHADOW_POLICY_KEY) or "", _string(ext, contract.SHADOW_RULE_KEY) or ""
+        checks = next((c for c in reversed(rc.levels()) if c.policy == policy), None)
+        if checks is not None:
+            reported.append(Decision(checks, "extAuth", rule or None, "would-deny"))
     rbac = _fields(meta, contract.RBAC_FILTER)
     for key in rbac:
         found = _shadow_key(key)
         checks = by_level.get((found[1], found[2])) if found else None
         if found is None or checks is None or _string(rbac, key) != contract.RBAC_DENIED:
             continue
+        if found[0] == "extAuth" and any(r.checks is checks for r in reported):
+            continue  # the report below is the same would-deny, with the rule
         prefix = contract.shadow_prefix(*found)
         matched = (_string(rbac, prefix + contract.RBAC_SHADOW_RULE) or "").partition("#")[0]
-        out.append(Decision(checks, found[0], matched if matched in _rule_names(checks) else None, "would-deny"))
-    ext = _fields(meta, contract.EXT_AUTHZ_FILTER)
-    if _string(ext, contract.SHADOW_VERDICT_KEY) == contract.WOULD_DENY:
-        policy, rule = _string(ext, contract.SHADOW_POLICY_KEY) or "", _string(ext, contract.SHADOW_RULE_KEY) or ""
-        checks = next((c for c in reversed(rc.levels()) if c.policy == policy), None)
-        if checks is not None:
-            out.append(Decision(checks, "extAuth", rule or None, "would-deny"))
-    return out
+        out.append(Decision(checks, found[0], matched if matched in _authz_rules(checks) else None, "would-deny"))
+    return out + reported
 
 
 def classify(rc: RouteChecks, details: str, meta: Any) -> tuple[Decision, list[Decision]]:
     """The request's decision (an enforcing deny, else a would-deny, else allow) and every
     would-deny of the shadow checks on its path."""
     shadow = shadow_denials(rc, meta) if rc.shadow else []
-    denied = enforced(rc, details) if details != "via_upstream" else None
-    return denied or (shadow[0] if shadow else Decision(rc.levels()[-1], "", None, "allow")), shadow
+    denied = enforced(rc, details, meta) if details != "via_upstream" else None
+    return denied or (shadow[0] if shadow else rc.allowed), shadow
 
 
 def identity(rc: RouteChecks, common: accesslog_pb2.AccessLogCommon, headers: Any,
@@ -237,8 +264,9 @@ def identity(rc: RouteChecks, common: accesslog_pb2.AccessLogCommon, headers: An
     replacing client copies, so read only when the request ``passed`` them (a denied request, or
     a shadow check that never ran, may carry the client's own copy)."""
     out: dict[str, str] = {}
-    payload = _fields(common.metadata, contract.JWT_FILTER).get(contract.JWT_PAYLOAD_KEY)
-    if payload is not None and payload.WhichOneof("kind") == "struct_value":
+    jwt = common.metadata.filter_metadata.get(contract.JWT_FILTER)
+    payload = jwt.fields.get(contract.JWT_PAYLOAD_KEY) if jwt is not None else None
+    if payload is not None and payload.HasField("struct_value"):
         sub = _string(payload.struct_value.fields, "sub")
         if sub is not None:
             out["sub"] = sub
@@ -285,19 +313,20 @@ class TopK:
 
 @dataclass
 class PolicyTally:
-    decisions: int = 0
+    decisions: float = 0
+    """Entries, an ``allow`` counting ``1 / --decision-log-sample`` (an estimate when sampled)."""
     would_deny: int = 0
     identities: TopK = field(default_factory=TopK)
 
 
 def in_shadow(checks: Checks) -> bool:
-    """The policy, or one of its authorization rules, is ``mode: shadow``."""
+    """The policy, or one of its authorization or builtin extAuth rules, is ``mode: shadow``."""
     spec = checks.spec
     if getattr(spec, "mode", contract.MODE_ENFORCE) == contract.MODE_SHADOW:
         return True
-    authz = spec.authorization
-    return bool(authz and any(getattr(r, "mode", contract.MODE_ENFORCE) == contract.MODE_SHADOW
-                              for r in authz.rules))
+    rules = [*(spec.authorization.rules if spec.authorization else ()),
+             *((spec.ext_auth and spec.ext_auth.rules) or ())]
+    return any(getattr(r, "mode", contract.MODE_ENFORCE) == contract.MODE_SHADOW for r in rules)
 
 
 # -- writer -----------------------------------------------------------------------------------
@@ -395,9 +424,44 @@ class LineWriter:
 
 # -- the service ------------------------------------------------------------------------------
 
+_SECOND: list[Any] = [None, ""]
+"""The last second formatted by ``_iso`` and its text (entries come in time order)."""
+
+
 def _iso(ts: Any) -> str:
-    seconds = ts.seconds + ts.nanos / 1e9 if ts.seconds else time.time()
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    """``2026-01-02T03:04:05.678+00:00`` (milliseconds truncated); Envoy's start time, else now."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if not seconds:
+        now = time.time_ns()
+        seconds, nanos = divmod(now, 1_000_000_000)
+    if _SECOND[0] != seconds:
+        _SECOND[:] = seconds, datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_SECOND[1]}.{nanos // 1_000_000:03d}+00:00"
+
+
+_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+"""A JSON string, as ``json.dumps`` writes it (the same C function), without building a dict."""
+
+
+def _json(value: str | None) -> str:
+    return "null" if value is None else _str(value)
+
+
+def _identity_json(who: dict[str, str]) -> str:
+    return "{" + ",".join(f'"{k}":{_str(v)}' for k, v in who.items()) + "}"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a decision contributes to a line, encoded once per revision: the decision's fields
+    (``"policy":..,"verdict":..``), its origin, its ``would_deny`` item and its metric labels."""
+
+    fields: str
+    origin: str
+    shadow_item: str
+    labels: tuple[str, str, str]
+    checks: Checks
+    """Kept alive with its parts: the cache key is its ``id``."""
 
 
 class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
@@ -413,6 +477,9 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
         self.rules: dict[str, set[str]] = {}
         self.tallies: dict[str, PolicyTally] = {}
         self.shadow: set[str] = set()
+        self._cache: dict[tuple[int, str, str | None, str], Parts] = {}
+        self._allow_weight = 1 / opts.decision_log_sample if opts else 1.0
+        """Envoy reports a sample of the allow entries (``serve --decision-log-sample``)."""
         self.permitted: Callable[[Any], frozenset[str] | None] = lambda context: None
         """mTLS on the xDS port: the fleets the caller's certificate names (None: any fleet)."""
 
@@ -444,6 +511,7 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
         checks = [c for routes in self.table.values() for rc in routes.values() for c in rc.levels()]
         self.rules = {c.policy: _rule_names(c) for c in checks}
         self.shadow = {c.policy for c in checks if in_shadow(c)}
+        self._cache = {}  # keyed by the id of this revision's checks
         self.tallies = {p: t for p, t in self.tallies.items() if p in self.rules}
 
     # -- the access-log stream ---------------------------------------------------------------
@@ -468,42 +536,59 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
             return
         counts: Counter[tuple[str, str, str]] = Counter()
         lines: list[str] = []
+        stream = f'"fleet":{_str(fleet)},"node":{_str(node)},'
         for entry in entries:
             rc = routes.get(entry.common_properties.route_name)
             if rc is None:
                 continue  # unchecked, public, the ambiguous-path guard, or no route matched
-            lines.append(json.dumps(self.record(fleet, node, rc, entry, counts), separators=(",", ":")) + "\n")
+            lines.append(self.record(stream, rc, entry, counts))
         if lines:
             self.writer.offer(lines)
         for labels, n in counts.items():  # once per message: a counter's lock is not free
             self.metrics.decisions.labels(*labels).inc(n)
 
-    def record(self, fleet: str, node: str, rc: RouteChecks, entry: accesslog_pb2.HTTPAccessLogEntry,
-               counts: Counter[tuple[str, str, str]]) -> dict[str, Any]:
-        common = entry.common_properties
-        status = entry.response.response_code.value
-        d, shadow = classify(rc, entry.response.response_code_details, common.metadata)
-        who = identity(rc, common, entry.request.request_headers, d.verdict != "deny")
+    def record(self, stream: str, rc: RouteChecks, entry: accesslog_pb2.HTTPAccessLogEntry,
+               counts: Counter[tuple[str, str, str]]) -> str:
+        """One JSON line: ``time``, ``fleet``, ``node`` (``stream``), ``request_id``, ``route``,
+        ``policy``, ``level``, ``check``, ``rule``, ``verdict``, ``status``, ``details``,
+        ``identity``, ``origin`` and, when a shadow check would have denied, ``would_deny``. Written
+        as text from parts encoded once per revision (``Parts``): entries come by the thousand."""
+        common, response, request = entry.common_properties, entry.response, entry.request
+        details = response.response_code_details
+        d, shadow = classify(rc, details, common.metadata)
+        who = identity(rc, common, request.request_headers if rc.header_ids else {}, d.verdict != "deny")
+        parts = self._parts(d)
+        counts[parts.labels] += 1
+        tail = "}\n"
         if rc.shadow:
+            weight = self._allow_weight if d.verdict == "allow" else 1
             for c in {c.policy for c in rc.levels()}:
-                self.tallies.setdefault(c, PolicyTally()).decisions += 1
-        for x in (d, *(s for s in shadow if s is not d)):
-            counts[(x.checks.policy, self._rule(x) or "", x.verdict)] += 1
-        for policy in {s.checks.policy for s in shadow}:
-            tally = self.tallies[policy]
-            tally.would_deny += 1
-            tally.identities.add(_label(who))
-        record = {
-            "time": _iso(common.start_time), "fleet": fleet, "node": node,
-            "request_id": entry.request.request_id, "route": common.route_name,
-            "policy": d.checks.policy, "level": d.checks.level, "check": d.check or None, "rule": self._rule(d),
-            "verdict": d.verdict, "status": status, "details": entry.response.response_code_details,
-            "identity": who, "origin": d.origin,
-        }
-        if shadow:
-            record["would_deny"] = [{"policy": s.checks.policy, "level": s.checks.level, "check": s.check,
-                                     "rule": self._rule(s), "origin": s.origin} for s in shadow]
-        return record
+                self.tallies.setdefault(c, PolicyTally()).decisions += weight
+            for s in shadow:
+                if s is not d:
+                    counts[self._parts(s).labels] += 1
+            for policy in {s.checks.policy for s in shadow}:
+                tally = self.tallies[policy]
+                tally.would_deny += 1
+                tally.identities.add(_label(who))
+            if shadow:
+                tail = ',"would_deny":[' + ",".join(self._parts(s).shadow_item for s in shadow) + "]}\n"
+        return (f'{{"time":"{_iso(common.start_time)}",{stream}"request_id":{_str(request.request_id)},'
+                f'"route":{_str(common.route_name)},{parts.fields},"status":{response.response_code.value},'
+                f'"details":{_str(details)},"identity":{_identity_json(who)},"origin":{parts.origin}{tail}')
+
+    def _parts(self, d: Decision) -> Parts:
+        known = self._rule(d)
+        key = (id(d.checks), d.check, known, d.verdict)  # loaded names only: bounded, whatever Envoy sends
+        found = self._cache.get(key)
+        if found is None:
+            c, rule = d.checks, _json(known)
+            head = f'"policy":{_str(c.policy)},"level":{_str(c.level)},"check":'
+            found = self._cache[key] = Parts(
+                f'{head}{_json(d.check or None)},"rule":{rule},"verdict":{_str(d.verdict)}', _str(d.origin),
+                f'{{{head}{_str(d.check)},"rule":{rule},"origin":{_str(d.origin)}}}',
+                (c.policy, known or "", d.verdict), c)
+        return found
 
     def _rule(self, d: Decision) -> str | None:
         """The rule if the policy has it (a metric label must be a loaded name)."""
@@ -514,7 +599,7 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
         out = {}
         for policy in sorted(self.shadow | {p for p, t in self.tallies.items() if t.would_deny}):
             t = self.tallies.get(policy, PolicyTally())
-            out[policy] = {"decisions": t.decisions, "would_deny": t.would_deny,
+            out[policy] = {"decisions": round(t.decisions), "would_deny": t.would_deny,
                            "rate": round(t.would_deny / t.decisions, 4) if t.decisions else 0.0,
                            "top_identities": [{"identity": k, "would_deny": n} for k, n in t.identities.top()]}
         return out

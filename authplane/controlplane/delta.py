@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from envoy.service.discovery.v3 import discovery_pb2
-
-from authplane.controlplane.cache import WILDCARD_TYPES
-from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, check_names, error_message
+from authplane.controlplane.cache import WILDCARD_TYPES, with_nonce
+from authplane.controlplane.stream import Sent, Stream, TypeState, check_names, error_message
 
 ABSENT = ""
 """``known`` value of a subscribed name the client was told does not exist."""
@@ -47,6 +45,8 @@ class DeltaStream(Stream):
                 if not ts.wildcard:
                     ts.known.pop(name, None)
         check_names(ts.subscribed, "the subscription")
+        if subscribe or request.resource_names_unsubscribe or request.initial_resource_versions:
+            ts.synced = None
         if self.settle(type_url, ts, request.response_nonce, error_message(request)):
             ts.waiting = True
         await self.respond(type_url, ts)
@@ -54,6 +54,10 @@ class DeltaStream(Stream):
     async def respond(self, type_url: str, ts: TypeState) -> None:
         if self.packed is None:
             return  # nothing valid loaded yet: the client keeps what it has
+        if ts.responded and self.packed.unchanged(type_url, ts.synced):
+            ts.synced = self.packed  # a push that changed other types: nothing to compare here
+            self.unchanged(ts)
+            return
         current = self.packed.resources.get(type_url, {})
         versions = self.packed.versions(type_url)
         wanted = current if ts.wildcard else sorted(ts.subscribed)
@@ -61,14 +65,13 @@ class DeltaStream(Stream):
         gone = (ts.known.keys() | ts.subscribed) - current.keys()
         removed = sorted(name for name in gone if ts.known.get(name) != ABSENT)
         if ts.responded and not send and not removed:
+            ts.synced = self.packed
             self.unchanged(ts)
             return
         if not ts.waiting:
             return
         nonce = self.next_nonce()
-        response = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=self.packed.version, type_url=type_url, nonce=nonce,
-            control_plane=CONTROL_PLANE, resources=[current[name] for name in send], removed_resources=removed)
+        response = with_nonce(self.packed.delta_body(type_url, tuple(send), tuple(removed)), nonce)
         for name in send:
             ts.known[name] = versions[name]
         for name in removed:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from envoy.service.discovery.v3 import discovery_pb2
-
-from authplane.controlplane.cache import WILDCARD_TYPES
-from authplane.controlplane.stream import CONTROL_PLANE, Sent, Stream, TypeState, check_names, error_message
+from authplane.controlplane.cache import WILDCARD_TYPES, with_nonce
+from authplane.controlplane.stream import Sent, Stream, TypeState, check_names, error_message
 
 
 class SotwStream(Stream):
@@ -48,9 +46,6 @@ class SotwStream(Stream):
         if not ts.waiting:
             return
         nonce = self.next_nonce()
-        resources = self.packed.resources.get(type_url, {})
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=self.packed.version, type_url=type_url, nonce=nonce, control_plane=CONTROL_PLANE,
-            resources=[resources[name].resource for name, _ in key])
-        sent = Sent(nonce, self.packed, tuple(name for name, _ in key), key=key)
-        await self.send(type_url, ts, response, sent)
+        names = tuple(name for name, _ in key)
+        response = with_nonce(self.packed.sotw_body(type_url, names), nonce)
+        await self.send(type_url, ts, response, Sent(nonce, self.packed, names, key=key))

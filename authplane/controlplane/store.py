@@ -27,6 +27,7 @@ from authplane.controlplane.metrics import Metrics
 from authplane.errors import CompileError, PolicyError, Problem
 from authplane.policy.documents import PolicySet
 from authplane.policy.files import DEFAULT_MAX_FILE_SIZE, SETTLE_SECONDS
+from authplane.policy.gcpause import paused_gc
 from authplane.policy.loader import Loader, load_dir
 
 log = logging.getLogger("authplane.reload")
@@ -119,6 +120,7 @@ def git_version(directory: str) -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+@paused_gc()  # load and compile as one pause: a collection between them walks all just loaded
 def build(directory: str, options: CompileOptions, previous: Revision | None = None,
           max_file_size: int = DEFAULT_MAX_FILE_SIZE, loader: Loader | None = None) -> Revision:
     """Load and compile; raises PolicyError or CompileError. Files are read once settled, and an

@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 
 from authplane.compiler.resources import TYPE_ORDER
 from authplane.controlplane.cache import PackedSnapshot, SnapshotCache
 
 log = logging.getLogger("authplane.xds")
 
-CONTROL_PLANE = base_pb2.ControlPlane(identifier="authplane")
 MAX_ERROR_DETAIL = 4096
 """Envoy's error_detail is kept for status up to this many characters."""
 
@@ -59,6 +57,8 @@ class Refused(Exception):
 
 def check_names(names: Any, what: str) -> None:
     """Refuse a request naming more than ``MAX_NAMES`` resources or an over-long name."""
+    if not names:
+        return
     if len(names) > MAX_NAMES:
         raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"{len(names)} names in {what}: at most {MAX_NAMES} per request")
@@ -100,9 +100,9 @@ class Rejection:
         return list(dict.fromkeys(found))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TypeState:
-    """One resource type on one stream."""
+    """One resource type on one stream (slots: several per stream, thousands of streams)."""
 
     responded: bool = False
     waiting: bool = False
@@ -120,6 +120,9 @@ class TypeState:
     wildcard: bool = False
     subscribed: set[str] = field(default_factory=set)
     known: dict[str, str] = field(default_factory=dict)
+    synced: PackedSnapshot | None = None
+    """Delta: the snapshot whose resources of this type the client has, for the subscription as
+    it is (None once the subscription changes)."""
 
     def in_sync(self, version: str) -> bool:
         return self.acked == version and not self.inflight and self.rejection is None
@@ -172,26 +175,35 @@ class Stream:
         self.opened = False
         self.packed: PackedSnapshot | None = None
         self.types: dict[str, TypeState] = {}
+        self._ordered: list[str] | None = None
         self._requests: asyncio.Queue[Any] = asyncio.Queue(MAX_QUEUED)
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        """What ``serve`` awaits when idle; set by ``_wake`` (a bare future: asyncio.Event looks
+        the loop up on every wait, a ``getpid`` call each on Python 3.11, per stream and push)."""
         self._changed = False
         self._closed = False
         self._nonces = itertools.count(1)
-        self._write: Callable[[Any], Awaitable[Any]] | None = None
+        self._write: Callable[[bytes], Awaitable[Any]] | None = None
 
     # -- driven by the cache and the server --------------------------------------------------
 
     def snapshot_changed(self) -> None:
         self._changed = True  # several changes before the stream wakes up count as one
-        self._wake.set()
+        self._wake()
 
     def close(self) -> None:
         """End the stream cleanly (server shutdown): the RPC finishes with status OK."""
         self._closed = True
-        self._wake.set()
+        self._wake()
 
-    async def serve(self, requests: AsyncIterator[Any], write: Callable[[Any], Awaitable[Any]]) -> None:
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def serve(self, requests: AsyncIterator[Any], write: Callable[[bytes], Awaitable[Any]]) -> None:
         self._write = write
+        loop = asyncio.get_running_loop()
         reader = asyncio.create_task(self._read(requests))
         try:
             while not self._closed:
@@ -202,8 +214,11 @@ class Stream:
                     if self.opened:
                         await self._snapshot_changed()
                 else:
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._waiter = loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -221,6 +236,7 @@ class Stream:
         for ts in self.types.values():
             ts.inflight.clear()
             ts.last = None
+            ts.synced = None
             ts.names = frozenset()
             ts.subscribed.clear()
             ts.known.clear()
@@ -231,14 +247,14 @@ class Stream:
         try:
             async for request in requests:
                 await self._requests.put(request)
-                self._wake.set()
+                self._wake()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the client went away mid-message; nothing to answer
             log.debug("stream %d (%r): read ended: %s", self.id, self.node_id or self.peer, e)
         finally:
             self._closed = True
-            self._wake.set()
+            self._wake()
 
     async def _handle(self, request: Any) -> None:
         if not self.opened:
@@ -251,7 +267,11 @@ class Stream:
         if not type_url:
             log.warning("node %r sent a request without type_url; ignored", self.node_id)
             return
-        await self.on_request(request, self.types.setdefault(type_url, TypeState()))
+        ts = self.types.get(type_url)
+        if ts is None:
+            ts = self.types[type_url] = TypeState()
+            self._ordered = None
+        await self.on_request(request, ts)
 
     def _open(self, node: Any) -> None:
         for field_name, value in (("node.id", node.id), ("node.cluster", node.cluster)):
@@ -285,9 +305,12 @@ class Stream:
             await self.respond(type_url, self.types[type_url])
 
     def ordered_types(self) -> list[str]:
-        """Clusters and endpoints before listeners and routes, then anything else requested."""
-        return ([t for t in TYPE_ORDER if t in self.types] +
-                sorted(t for t in self.types if t not in TYPE_ORDER))
+        """Clusters and endpoints before listeners and routes, then anything else requested
+        (computed again only when a type is added: this runs for every stream on every push)."""
+        if self._ordered is None or len(self._ordered) != len(self.types):
+            self._ordered = ([t for t in TYPE_ORDER if t in self.types] +
+                             sorted(t for t in self.types if t not in TYPE_ORDER))
+        return self._ordered
 
     # -- shared protocol steps ---------------------------------------------------------------
 
@@ -331,7 +354,8 @@ class Stream:
         if self.packed is not None and not ts.inflight and ts.rejection is None and ts.responded:
             ts.acked = self.packed.version
 
-    async def send(self, type_url: str, ts: TypeState, response: Any, sent: Sent) -> None:
+    async def send(self, type_url: str, ts: TypeState, response: bytes, sent: Sent) -> None:
+        """Write a serialised response (the RPC's serializer passes bytes through, ``ads.py``)."""
         ts.waiting = False
         ts.responded = True
         ts.last = sent

@@ -78,6 +78,7 @@ class Tracker(Callbacks):
         self.metrics = metrics
         self.nodes: dict[str, Node] = {}
         self.refusals: dict[tuple[str, str, str], Refusal] = {}
+        self._children: dict[tuple[int, str], Any] = {}
         metrics.count_nodes(self.state_counts)
 
     # -- callbacks -------------------------------------------------------------------------
@@ -129,14 +130,23 @@ class Tracker(Callbacks):
         while len(self.refusals) > MAX_REFUSALS:
             del self.refusals[next(iter(self.refusals))]
 
+    def _count(self, metric: Any, type_url: str) -> None:
+        """``metric.labels(type).inc()`` with the labelled child looked up once per metric and
+        type: these three run for every stream on every push."""
+        key = (id(metric), type_label(type_url))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(key[1])
+        child.inc()
+
     def request(self, stream: Stream, type_url: str) -> None:
-        self.metrics.requests.labels(type_label(type_url)).inc()
+        self._count(self.metrics.requests, type_url)
 
     def response(self, stream: Stream, type_url: str, sent: Sent) -> None:
-        self.metrics.pushes.labels(type_label(type_url)).inc()
+        self._count(self.metrics.pushes, type_url)
 
     def ack(self, stream: Stream, type_url: str, sent: Sent) -> None:
-        self.metrics.acks.labels(type_label(type_url)).inc()
+        self._count(self.metrics.acks, type_url)
 
     def nack(self, stream: Stream, type_url: str, sent: Sent, error: str) -> None:
         self.metrics.nacks.labels(type_label(type_url)).inc()

@@ -3,8 +3,9 @@ C++ implementation Envoy also runs, so the parser and the macros are Envoy's own
 
 The expression sees Envoy's request attributes (``request.*``, ``source.*``, ``destination.*``,
 ``connection.*``) declared with their types from Envoy's attributes documentation, and ``claims``,
-the verified JWT payload (``dyn``: any claim, any type). The compiler turns the parsed
-expression into the ``google.api.expr.v1alpha1.Expr`` Envoy's RBAC evaluates
+the verified JWT payload (``dyn``: any claim, any type; reading it where neither the policy nor
+its route's gateway verifies a JWT is a load error, as it would never be set). The compiler
+turns the parsed expression into the ``google.api.expr.v1alpha1.Expr`` Envoy's RBAC evaluates
 (``authplane/compiler/cel.py``).
 """
 
@@ -116,8 +117,39 @@ def parse(text: str) -> syntax_pb2.ParsedExpr:
     return out
 
 
-def problems(pol: Located[AuthPolicy]) -> list[Problem]:
-    """Errors of the policy's ``cel`` conditions, at the position of each expression."""
+def _reads(expr: syntax_pb2.Expr, name: str) -> bool:
+    """Whether ``expr`` reads the variable ``name`` (not a comprehension variable of that name)."""
+    kind = expr.WhichOneof("expr_kind")
+    if kind == "ident_expr":
+        return expr.ident_expr.name == name
+    if kind == "select_expr":
+        return _reads(expr.select_expr.operand, name)
+    if kind == "call_expr":
+        call = expr.call_expr
+        return (call.HasField("target") and _reads(call.target, name)) or any(_reads(a, name) for a in call.args)
+    if kind == "list_expr":
+        return any(_reads(e, name) for e in expr.list_expr.elements)
+    if kind == "struct_expr":
+        return any((e.HasField("map_key") and _reads(e.map_key, name)) or _reads(e.value, name)
+                   for e in expr.struct_expr.entries)
+    if kind == "comprehension_expr":
+        c = expr.comprehension_expr
+        outer = _reads(c.iter_range, name) or _reads(c.accu_init, name)
+        shadowed = name in (c.iter_var, c.iter_var2, c.accu_var)
+        return outer or (not shadowed and any(_reads(e, name) for e in (c.loop_condition, c.loop_step, c.result)))
+    return False
+
+
+@functools.lru_cache(maxsize=1024)
+def reads_claims(text: str) -> bool:
+    """Whether a valid expression reads ``claims`` (the verified JWT payload)."""
+    return _reads(parse(text).expr, CLAIMS)
+
+
+def problems(pol: Located[AuthPolicy], jwt: bool = True) -> list[Problem]:
+    """Errors of the policy's ``cel`` conditions, at the position of each expression. ``jwt``:
+    whether a level of the policy's target (this policy, or its route's gateway) verifies a JWT;
+    without one ``claims`` is never set, so an expression reading it is an error."""
     spec = pol.resource.spec
     out: list[Problem] = []
     if spec.authorization is not None:
@@ -125,9 +157,15 @@ def problems(pol: Located[AuthPolicy]) -> list[Problem]:
         for i, rule in enumerate(spec.authorization.rules):
             if rule.when.cel is not None:
                 try:
-                    parse(rule.when.cel)
+                    needs_jwt = reads_claims(rule.when.cel)
                 except CelError as e:
                     out.append(pol.source.problem((*where, i, "when", "cel"), str(e)))
+                else:
+                    if needs_jwt and not jwt:
+                        out.append(pol.source.problem(
+                            (*where, i, "when", "cel"),
+                            "claims (the verified JWT payload) needs a jwt or oidc section in this "
+                            "policy or on the gateway; without one the expression never sees claims"))
             inner, depth = rule.when.not_, ("not",)
             while inner is not None:
                 if inner.cel is not None:

@@ -7,6 +7,7 @@ the ``Resolved`` content of the files each AuthPolicy names (the resolve stage's
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from authplane.policy.yamlpos import Document, Path
 T = TypeVar("T", Gateway, Backend, Route, AuthPolicy, PolicyTest)
 
 
+@functools.lru_cache(maxsize=4096)  # every policy of a file names the same few files
 def relative_to(policy_file: str, rel: str) -> str:
     """The path of a file a policy file names (JWKS, keys, secrets): relative to the policy file."""
     return os.path.normpath(os.path.join(os.path.dirname(policy_file), rel))

@@ -154,8 +154,8 @@ def _rule_warnings(item: Located[AuthPolicy]) -> Iterator[Problem]:
             if why:
                 yield src.problem((*at, "when"), f"rule {r.name!r} can never match: {why}")
                 continue
-            for other in ext.rules[:i]:
-                if not never_matches(other.when) and implies(r.when, other.when):
+            for other in ext.rules[:i]:  # enforcement skips a shadow rule: it hides only shadow rules
+                if (not _shadow(other) or _shadow(r)) and not never_matches(other.when) and implies(r.when, other.when):
                     yield src.problem(at, f"rule {r.name!r} is never reached: the earlier rule "
                                       f"{other.name!r} ({other.action}) matches every request it "
                                       "matches (the first match wins)")

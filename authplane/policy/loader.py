@@ -15,6 +15,7 @@ from collections.abc import Callable
 from authplane.errors import PolicyError, Problem
 from authplane.policy.documents import PolicySet
 from authplane.policy.files import DEFAULT_MAX_FILE_SIZE, policy_files, read_file
+from authplane.policy.gcpause import paused_gc
 from authplane.policy.lint import lint
 from authplane.policy.parse import Parsed, hide_secret_files, merge, parse, parse_file
 from authplane.policy.resolve import resolve
@@ -45,6 +46,7 @@ class Loader:
         return merge([one for _, one in kept.values()])
 
 
+@paused_gc()
 def load_texts(texts: dict[str, str], root: str = ".", max_file_size: int = DEFAULT_MAX_FILE_SIZE,
                parser: Callable[[dict[str, str]], Parsed] = parse) -> PolicySet:
     """Load policies from ``{path: yaml text}``; raises PolicyError with every problem.
@@ -72,6 +74,7 @@ def load_texts(texts: dict[str, str], root: str = ".", max_file_size: int = DEFA
     return policies
 
 
+@paused_gc()
 def load_dir(root: str, max_file_size: int = DEFAULT_MAX_FILE_SIZE, settle: float = 0.0,
              previous: dict[str, str] | None = None, loader: Loader | None = None) -> PolicySet:
     """Load and validate every policy file under ``root``.

@@ -217,21 +217,26 @@ class RouteRule(Model):
     shown as ``rule-<index>`` (``rule-0`` for the first) in render and status."""
     match: RouteMatch = RouteMatch(path_prefix="/")
     """What requests this rule takes (default: every path)."""
-    backend: Name
-    """Name of the Backend the requests go to."""
+    backend: Name | None = None
+    """Name of the Backend the requests go to; required on a route with a ``gateway``, absent on a
+    forward-auth-only route (the ingress in front of the app routes the requests)."""
     timeout: Duration | None = None
     """Upstream request timeout (Envoy's default 15s when unset; 0s disables it)."""
 
 
 class RouteSpec(Model):
-    gateway: Name
-    """The Gateway this route attaches to."""
+    gateway: Name | None = None
+    """The Gateway this route attaches to. Without one (and without ``backend`` in its rules) the
+    route is for forward auth only: no Envoy receives it, and the decision service's forward-auth
+    endpoint picks the policy of a request the URL does not name by its ``hostnames`` and rules,
+    as for Envoy's routes."""
     listeners: list[Name] | None = None
     """Attach only to these listeners of the gateway (default: all)."""
     hostnames: Annotated[list[Hostname], Field(min_length=1)] = ["*"]
     """Host headers served; ``*`` is every host, ``*.example.com`` a suffix."""
-    rules: Annotated[list[RouteRule], Field(min_length=1)]
-    """Rules. Envoy tries the rules of all routes of a host most specific first: exact paths,
+    rules: Annotated[list[RouteRule], Field(min_length=1)] = [RouteRule()]
+    """Rules (required with a ``gateway``; a forward-auth-only route defaults to one rule for every
+    path). Envoy tries the rules of all routes of a host most specific first: exact paths,
     longer prefixes, regexes, then the catch-all prefix ``/``; more header conditions first."""
 
     def rule_names(self) -> list[str]:
@@ -361,7 +366,8 @@ class Conditions(Model):
     cel: Annotated[str, Field(min_length=1)] | None = None
     """A CEL expression that must be true (authorization rules only), over Envoy's attributes
     (``request.path``, ``request.method``, ``request.headers['x']``, ``source.address``,
-    ``connection.mtls`` ...) and ``claims``, the verified JWT payload (``claims.groups``). Parsed
+    ``connection.mtls`` ...) and ``claims``, the verified JWT payload (``claims.groups``): reading
+    it needs a ``jwt`` or ``oidc`` section in the policy or on the route's gateway. Parsed
     and type-checked at load; Envoy evaluates it natively. An evaluation error (a missing header or
     claim) makes the rule not match, except a deny rule under ``default: deny``, where it denies:
     test presence with ``'x' in request.headers`` or ``has(claims.x)``."""
@@ -492,6 +498,52 @@ class OidcCookie(Model):
     login (same client, same domain) must use the same prefix; others need different ones."""
 
 
+class OidcSession(Model):
+    """Where the decision service's own sign-in (forward auth, ``/oauth2/*``) keeps sessions, and
+    how it renews them. Envoy's ``oauth2`` filter keeps its own cookies and ignores this section."""
+
+    store: Literal["cookie", "redis"] = "cookie"
+    """``cookie``: the whole session, encrypted with ``sessionKeys``, in the browser (chunked past
+    4 KB). ``redis``: the session in Redis, encrypted with a secret only the browser's cookie holds
+    (a Redis dump alone cannot be replayed); the cookie carries just that ticket, and sign-out
+    removes the session for every app and process at once."""
+    url: str | None = None
+    """``store: redis``: ``redis://host:6379/0`` (``rediss://`` for TLS, ``unix:///path``). A user
+    name may be in the URL; the password may not: put it in ``password``."""
+    password: SecretRef | None = None
+    """``store: redis``: the Redis password, ``{file: redis-password.txt}`` or ``{env: NAME}``."""
+    unavailable_status: Status = 503
+    """``store: redis``: the status answered when Redis cannot be reached (never an allow)."""
+    lifetime: Duration = 604800.0
+    """How long a session with a refresh token lives before a new sign-in (oauth2-proxy's
+    ``cookie-expire``, 7 days by default). Without a refresh token a session ends with its ID
+    token. Request ``offline_access`` in ``scopes`` for a refresh token from providers that need
+    it (authplane then adds ``prompt=consent``, as OpenID Connect asks)."""
+    refresh_interval: Duration | None = None
+    """Renew the tokens with the refresh token this long after the last renewal (oauth2-proxy's
+    ``cookie-refresh``), so group changes or a revoked grant are seen sooner. Default: when the
+    ID token (or access token) expires. A provider refusing the refresh (``invalid_grant``) ends
+    the session."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")  # no echo: it may hold a password
+        return value
+
+    @model_validator(mode="after")
+    def _redis(self) -> OidcSession:
+        if self.store == "redis" and self.url is None:
+            raise ValueError("store: redis needs url")
+        if self.store != "redis" and (self.url is not None or self.password is not None):
+            raise ValueError("url and password are for store: redis")
+        userinfo, at, _ = self.url.partition("://")[2].partition("@") if self.url else ("", "", "")
+        if (at and ":" in userinfo) or (self.url and "password=" in self.url.partition("?")[2]):
+            raise ValueError("put the Redis password in password ({file: ...} or {env: ...}), not in url")
+        return self
+
+
 class Oidc(Model):
     """Browser sign-in with OpenID Connect (authorization code flow with PKCE), compiled to
     Envoy's ``oauth2`` filter plus a JWT check of the resulting ID token, so ``authorization``
@@ -511,6 +563,11 @@ class Oidc(Model):
     end_session_endpoint: Url | None = None
     """The provider's logout endpoint (default: from discovery, if it has one): ``logoutPath``
     also ends the provider's session there."""
+    userinfo_endpoint: Url | None = None
+    """Forward-auth sign-in: where the decision service reads the claims beyond ``sub``
+    (``email``, ``groups``) after the code exchange and each renewal. Default: from discovery, if
+    it has one; with the endpoints written out and this unset, only the ID token's claims (asked
+    for with the ``claims`` parameter, see ``idTokenClaims``) are known."""
     client_id: Annotated[str, Field(min_length=1)]
     """OAuth client ID registered at the provider (the ID token's audience)."""
     client_secret: SecretRef
@@ -541,7 +598,8 @@ class Oidc(Model):
     ``validate`` warns when the provider's discovery document does not list
     ``claims_parameter_supported``."""
     token_endpoint_auth: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
-    """How the client secret is sent to the token endpoint: in the form body, or as HTTP Basic
+    """How the client secret is sent to the token endpoint (by Envoy, and by the decision
+    service's own sign-in): in the form body, or as HTTP Basic
     authentication (which stricter providers require; use what the client is registered with)."""
     cookie: OidcCookie = OidcCookie()
     """Session cookies."""
@@ -566,6 +624,8 @@ class Oidc(Model):
     """Forward-auth sign-in: keys (32+ bytes each) encrypting the decision service's session
     cookies with AES-GCM. The first encrypts, any decrypts: put a new key first to rotate, drop
     the old one once its sessions have expired. Default: ``hmacSecret`` (or its default)."""
+    session: OidcSession = OidcSession()
+    """Forward-auth sign-in: the session store (cookie or Redis) and token renewal."""
 
     @model_validator(mode="after")
     def _endpoints(self) -> Oidc:
@@ -658,6 +718,12 @@ class ExtAuthRule(Model):
     """On allow: headers added to the response sent to the client."""
     deny: DenyResponse = DenyResponse()
     """On deny: the response sent to the client."""
+    mode: Literal["enforce", "shadow"] = "enforce"
+    """``shadow``: enforcement skips the rule (as if it were not there) and the decision service
+    also evaluates the whole rule list with it; when that first match is this deny rule and the
+    enforced rules allow, the request passes and the would-deny is reported with the rule named
+    (the policy-level shadow report, ``authplane/contract.py``). A shadow allow rule allows
+    nothing yet and reports nothing. See docs/shadow-mode.md."""
 
 
 class DecisionCache(Model):
@@ -698,6 +764,11 @@ class ExtAuth(Model):
     name); copies sent by the client are always removed."""
     cache: DecisionCache = DecisionCache()
     """``service: builtin`` only: decision cache lifetimes."""
+    engine: Literal["service", "native"] = "service"
+    """``service: builtin`` only: where the rules are decided. ``service``: authplane's decision
+    service (ext_authz). ``native``: inside Envoy, by authplane's dynamic module
+    (``libauthplane_rules.so``), with the rules delivered as its route configuration; for rules
+    without regexes, API keys, ``sign_in`` or shadow mode (see docs/dynamic-modules.md)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -749,6 +820,39 @@ class Satisfy(Model):
         return {"mode": data} if isinstance(data, str) else data
 
 
+MODULE_PLACES = ("beforeAuthentication", "afterAuthentication", "beforeAuthorization", "afterAuthorization")
+"""Where a ``filters`` entry runs in the HTTP filter chain (``compiler/filters/__init__.py``)."""
+
+
+class ModuleFilter(Model):
+    """An Envoy dynamic module (a shared object implementing an HTTP filter) run at this level."""
+
+    name: Name
+    """Unique in the policy. A route-level entry with the name of one of its gateway's entries
+    replaces it on the route (``enabled: false`` turns it off there)."""
+    module: Annotated[str, Field(min_length=1)] | None = None
+    """A module name (``lib<name>.so`` on Envoy's module search path, ``ENVOY_DYNAMIC_MODULES_SEARCH_PATH``)
+    or the path of a ``lib<name>.so`` file, relative to the policy file (its directory must be on
+    that search path too). Required unless ``enabled: false``."""
+    filter_name: Annotated[str, Field(min_length=1)] | None = None
+    """The filter name given to the module (a module may implement several); default: ``name``."""
+    config: Any = None
+    """The module's configuration: a string is passed as is, anything else as JSON."""
+    place: Literal["beforeAuthentication", "afterAuthentication", "beforeAuthorization",
+                   "afterAuthorization"] = "afterAuthorization"
+    """Where it runs: before the credential checks, after them, before the authorization rules
+    (after the credential checks, after the ``afterAuthentication`` modules), or after every
+    check (the decision service and native rules included), right before the router."""
+    enabled: bool = True
+    """``false``: the gateway-level entry of that name does not run on this route."""
+
+    @model_validator(mode="after")
+    def _module_needed(self) -> ModuleFilter:
+        if self.enabled and self.module is None:
+            raise ValueError("module is required (a module name or the path of its lib<name>.so)")
+        return self
+
+
 class AuthPolicySpec(Model):
     target_ref: TargetRef
     """The Gateway, Route or Route rule the policy applies to."""
@@ -769,6 +873,9 @@ class AuthPolicySpec(Model):
     satisfy: Satisfy = Satisfy()
     """``all`` (default) or ``any``: whether every credential check (``jwt``, ``apiKey``,
     ``basicAuth``) must pass, or one valid credential among them is enough (see ``Satisfy``)."""
+    filters: list[ModuleFilter] = []
+    """Envoy dynamic modules (custom HTTP filters) run at this level, at a declared place among
+    the checks (see docs/dynamic-modules.md)."""
     mode: Literal["enforce", "shadow"] = "enforce"
     """``shadow``: every check of the policy is evaluated and its outcome recorded (would-deny),
     but none denies; a gateway-level policy that enforces still does. Flip it with an ordinary
@@ -818,6 +925,18 @@ class PolicyTestRequest(Model):
     jwt: PolicyTestJwt | None = None
     """Send a token minted for a provider, where the provider reads it (default ``Authorization:
     Bearer``)."""
+    client_cert: str | None = None
+    """A PEM client certificate (with its key, unless ``clientKey``), relative to this file: the
+    request goes over TLS to the fleet's https listener (one verifying client certificates first)
+    presenting it, for ``when.clientCert`` rules."""
+    client_key: str | None = None
+    """The private key of ``clientCert``, relative to this file."""
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> PolicyTestRequest:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("clientKey needs clientCert")
+        return self
 
 
 class PolicyTestExpect(Model):

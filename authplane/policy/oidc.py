@@ -15,11 +15,12 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from authplane.policy.model import Authorization, Oidc, SecretRef
+from authplane.policy.model import Authorization, ExtAuth, Oidc, SecretRef
 
 DISCOVERY_TIMEOUT = 5.0
 CACHE_TTL = 600.0
@@ -46,6 +47,8 @@ class ResolvedOidc:
     hmac_secret: bytes = field(repr=False)
     session_keys: tuple[bytes, ...] = field(default=(), repr=False)
     """``sessionKeys`` as read (empty: the decision service uses ``hmac_secret``)."""
+    redis_password: bytes | None = field(default=None, repr=False)
+    """``session.password`` as read."""
 
 
 class OidcError(Exception):
@@ -122,11 +125,12 @@ def endpoints(spec: Oidc) -> tuple[Endpoints, str | None]:
     if not spec.discovery:
         assert spec.authorization_endpoint and spec.token_endpoint and spec.jwks_uri
         return Endpoints(spec.authorization_endpoint, spec.token_endpoint, spec.jwks_uri,
-                         spec.end_session_endpoint), None
+                         spec.end_session_endpoint, spec.userinfo_endpoint), None
     found, warning = discover(spec.issuer)
-    if spec.end_session_endpoint:
-        found = Endpoints(found.authorization, found.token, found.jwks, spec.end_session_endpoint,
-                          found.userinfo, found.claims_parameter)
+    if spec.end_session_endpoint or spec.userinfo_endpoint:
+        found = Endpoints(found.authorization, found.token, found.jwks,
+                          spec.end_session_endpoint or found.end_session,
+                          spec.userinfo_endpoint or found.userinfo, found.claims_parameter)
     return found, warning
 
 
@@ -134,16 +138,28 @@ _IN_EVERY_ID_TOKEN = frozenset({"sub", "iss", "aud", "exp", "iat", "nonce", "aut
                                  "amr", "sid"})
 
 
-def id_token_claims(spec: Oidc, authorization: Authorization | None) -> list[str]:
+def id_token_claims(spec: Oidc, authorization: Authorization | ExtAuth | None) -> list[str]:
     """The claims to ask for in the ID token (the ``claims`` request parameter): ``idTokenClaims``,
     or by default the top-level claims the policy copies into headers and its authorization rules
-    read, beyond those every ID token has; sorted."""
+    read (native rules for Envoy's oauth2 filter, ``extAuth`` rules for the decision service's
+    sign-in), beyond those every ID token has; sorted."""
     if spec.id_token_claims is not None:
         return sorted(set(spec.id_token_claims))
     names = {c.split(".", 1)[0] for c in spec.claims_to_headers}
     rules = authorization.rules if authorization else []
     names |= {c.split(".", 1)[0] for r in rules for cond in r.when.nested() for c in cond.claims}
     return sorted(names - _IN_EVERY_ID_TOKEN)
+
+
+def authorization_url(spec: Oidc | None, authorization: Authorization | ExtAuth | None, endpoint: str) -> str:
+    """The provider's authorization endpoint, with the OpenID ``claims`` request parameter when
+    the policy needs claims in the ID token (Envoy's oauth2 filter and the decision service's
+    sign-in both keep the endpoint's query and add their own)."""
+    claims = id_token_claims(spec, authorization) if spec else []
+    if not claims:
+        return endpoint
+    value = json.dumps({"id_token": dict.fromkeys(claims)}, separators=(",", ":"))
+    return f"{endpoint}{'&' if '?' in endpoint else '?'}claims={urllib.parse.quote(value, safe='')}"
 
 
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")

@@ -172,8 +172,11 @@ SECRET_FILES = (("oidc", "clientSecret", "file"), ("oidc", "hmacSecret", "file")
 def _secret_files(path: str, data: Any) -> dict[str, str]:
     """{file: field that names it} for the secret files a document names, valid or not."""
     out: dict[str, str] = {}
+    spec = data.get("spec") if isinstance(data, dict) and data.get("kind") == "AuthPolicy" else None
+    if not isinstance(spec, dict):
+        return out
     for fields in SECRET_FILES:
-        value = data.get("spec") if isinstance(data, dict) and data.get("kind") == "AuthPolicy" else None
+        value = spec
         for name in fields:
             value = value.get(name) if isinstance(value, dict) else None
         if isinstance(value, str):
@@ -223,6 +226,7 @@ def parse_file(path: str, text: str) -> Parsed:
         item = _check_document(path, doc, out.problems, out.broken)
         if item is not None:
             out.documents.append(item)
+        doc.data = None  # the typed document replaces it; positions come from the file's text
     return out
 
 

@@ -168,6 +168,9 @@ def _default(info: FieldInfo) -> str:
         return f"`{format_duration(value)}`"
     if isinstance(value, pydantic.BaseModel):
         value = value.model_dump(by_alias=True, exclude_defaults=True)
+    elif isinstance(value, list):  # e.g. Route rules: one rule with every default
+        value = [v.model_dump(by_alias=True, exclude_defaults=True) if isinstance(v, pydantic.BaseModel) else v
+                 for v in value]
     return f"`{json.dumps(value)}`"
 
 

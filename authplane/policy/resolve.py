@@ -43,10 +43,11 @@ def usable_keys(jwks: Any) -> str | None:
 def resolve(p: PolicySet) -> list[Problem]:
     """Fill ``p.resolved`` for every AuthPolicy; the problems found in what was read."""
     out: list[Problem] = []
+    jwks_files: dict[str, tuple[str, str | None]] = {}
     for pol in p.auth_policies.values():
         spec = pol.resource.spec
         p.resolved[pol.name] = Resolved(
-            jwks=_jwks(p, pol, out) if spec.jwt else {},
+            jwks=_jwks(p, pol, out, jwks_files) if spec.jwt else {},
             users=tuple(_read_entries(p, pol, "basicAuth", spec.basic_auth.file, parse_htpasswd, out))
             if spec.basic_auth else (),
             keys=_api_key(p, pol, out) if spec.api_key else (),
@@ -74,21 +75,28 @@ def _read(p: PolicySet, pol: Located[Any], rel: str, where: tuple[Any, ...], wha
     return path, text
 
 
-def _jwks(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> dict[str, str]:
+def _jwks(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem],
+          files: dict[str, tuple[str, str | None]]) -> dict[str, str]:
+    """``files``: JWKS file path → (text, problem) of the files read so far: a JWKS file shared
+    by many policies is read and parsed once (and its text kept once)."""
     jwt = pol.resource.spec.jwt
     assert jwt is not None
     found: dict[str, str] = {}
     for i, prov in enumerate(jwt.providers):
         where = ("spec", "jwt", "providers", i, "jwks")
         if prov.jwks.file is not None:
-            read = _read(p, pol, prov.jwks.file, (*where, "file"), "JWKS file ", out)
-            if read is None:
-                continue
-            path, text = read
-            try:
-                problem = usable_keys(json.loads(text))
-            except ValueError as e:
-                problem = f"not JSON ({e})"
+            path = pol.source.relative(prov.jwks.file)
+            cached = files.get(path)
+            if cached is None:
+                read = _read(p, pol, prov.jwks.file, (*where, "file"), "JWKS file ", out)
+                if read is None:
+                    continue  # not cached: each policy naming it reports why
+                try:
+                    cached = (read[1], usable_keys(json.loads(read[1])))
+                except ValueError as e:
+                    cached = (read[1], f"not JSON ({e})")
+                files[path] = cached
+            text, problem = cached
             if problem:
                 out.append(pol.source.problem((*where, "file"), f"JWKS file {prov.jwks.file!r}: {problem}"))
             else:
@@ -161,7 +169,8 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
     where = ("spec", "oidc")
     secrets: dict[str, bytes] = {}
     refs = [("clientSecret", spec.client_secret), ("hmacSecret", spec.hmac_secret),
-            *((f"sessionKeys.{i}", ref) for i, ref in enumerate(spec.session_keys))]
+            *((f"sessionKeys.{i}", ref) for i, ref in enumerate(spec.session_keys)),
+            ("session.password", spec.session.password)]
     for name, ref in refs:
         if ref is None:
             continue
@@ -172,7 +181,7 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
             continue
         if path:
             p.files[path] = secrets[name].decode(errors="replace")
-        if name != "clientSecret" and len(secrets[name]) < 32:
+        if name not in ("clientSecret", "session.password") and len(secrets[name]) < 32:
             out.append(pol.source.problem((*where, *name.split(".")), "needs at least 32 bytes"))
     try:
         found, warning = oidc_endpoints(spec)
@@ -191,7 +200,8 @@ def _oidc(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Resolve
         return None
     client = secrets["clientSecret"]
     keys = tuple(secrets[f"sessionKeys.{i}"] for i in range(len(spec.session_keys)) if f"sessionKeys.{i}" in secrets)
-    return ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec), keys)
+    return ResolvedOidc(found, client, secrets.get("hmacSecret") or derive_hmac_secret(client, spec), keys,
+                        secrets.get("session.password"))
 
 
 def _pem(p: PolicySet, item: Located[Any], rel: str, where: tuple[Any, ...], what: str,

@@ -5,16 +5,22 @@ check needs from the others). Reading the files the policies name is the resolve
 from __future__ import annotations
 
 import difflib
+import functools
+import os
 from collections import defaultdict
 from typing import Any
 
-from pydantic.alias_generators import to_camel, to_snake
+from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_snake as _to_snake
 
 from authplane.contract import RESERVED_HEADERS
 from authplane.errors import Problem
-from authplane.policy import cel
+from authplane.policy import cel, modules
 from authplane.policy.documents import Located, PolicySet, Source
 from authplane.policy.model import AuthorizationRule, AuthPolicy, ExtAuthRule, Route, TargetRef
+
+to_snake = functools.cache(_to_snake)
+"""``basicAuth`` → ``basic_auth``, once per name (validate asks for every check of every policy)."""
 
 CHECKS = ("jwt", "oidc", "authorization", "basicAuth", "apiKey", "extAuth")
 """The check sections of an AuthPolicy, as written in YAML."""
@@ -54,7 +60,12 @@ def _gateways(p: PolicySet, out: list[Problem]) -> None:
 def _routes(p: PolicySet, out: list[Problem]) -> None:
     for route in p.routes.values():
         spec = route.resource.spec
+        if spec.gateway is None:
+            _forward_only_route(p, route, out)
+            continue
         gw = p.gateways.get(spec.gateway)
+        if "rules" not in spec.model_fields_set:
+            out.append(route.source.problem(("spec", "rules"), "missing required field"))
         if gw is None:
             _missing(p, route, ("spec", "gateway"), "Gateway", spec.gateway, out)
         elif spec.listeners is not None:
@@ -71,8 +82,55 @@ def _routes(p: PolicySet, out: list[Problem]) -> None:
                 derived = "" if rule.name else " (the name of this unnamed rule); name the rule"
                 out.append(route.source.problem(where, f"duplicate rule name {name!r}{derived}"))
             seen.add(name)
-            if rule.backend not in p.backends:
+            if rule.backend is None:
+                if "rules" in spec.model_fields_set:
+                    out.append(route.source.problem(("spec", "rules", i, "backend"), "missing required field"))
+            elif rule.backend not in p.backends:
                 _missing(p, route, ("spec", "rules", i, "backend"), "Backend", rule.backend, out)
+
+
+def _forward_only_route(p: PolicySet, route: Located[Route], out: list[Problem]) -> None:
+    """A route without a gateway exists for forward auth alone: what only Envoy uses (backends,
+    listeners, timeouts) means it was meant for a gateway, and its policy must be one the decision
+    service can answer by itself."""
+    spec = route.resource.spec
+    if spec.listeners is not None or any(r.backend is not None for r in spec.rules):
+        out.append(route.source.problem(("spec", "gateway"), "missing required field"))
+        return
+    for i, rule in enumerate(spec.rules):
+        if rule.timeout is not None:
+            out.append(route.source.problem(("spec", "rules", i, "timeout"),
+                                            "a route without a gateway (forward auth only) has no upstream "
+                                            "timeout: its ingress sends the requests"))
+    pols = [x for x in p.auth_policies.values() if x.resource.spec.target_ref.kind == "Route"
+            and x.resource.spec.target_ref.name == route.name]
+    for pol in pols:
+        _forward_only_policy(route, pol, out)
+    if not pols:
+        p.warnings.append(route.source.problem(
+            ("metadata", "name"), f"route {route.name!r} has no gateway and no AuthPolicy: forward auth "
+                                  "denies every request it matches"))
+
+
+ENVOY_ONLY = ("authorization", "basicAuth", "apiKey")
+"""Checks only Envoy runs (the decision service runs ``jwt``, ``extAuth`` and ``oidc`` sign-in)."""
+
+
+def _forward_only_policy(route: Located[Route], pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    spec = pol.resource.spec
+    what = f"Route {route.name!r} has no gateway (forward auth only)"
+    if spec.public:
+        out.append(pol.source.problem(("spec", "public"), f"{what}: forward auth answers only with "
+                                                          "extAuth service: builtin, never public"))
+        return
+    for check in ENVOY_ONLY:
+        if getattr(spec, to_snake(check)) is not None:
+            out.append(pol.source.problem(("spec", check), f"{what}: only Envoy runs {check}; "
+                                                           "use extAuth rules (service: builtin)"))
+    if spec.ext_auth is None or spec.ext_auth.service != "builtin":
+        where = ("spec", "extAuth", "service") if spec.ext_auth else ("spec",)
+        out.append(pol.source.problem(where, f"{what}: the decision service answers for it, which needs "
+                                             "extAuth with service: builtin"))
 
 
 def _missing(p: PolicySet, item: Located[Any], path: tuple[Any, ...], kind: str, name: str,
@@ -118,7 +176,7 @@ def _policies(p: PolicySet, out: list[Problem]) -> None:
             elif checks:
                 out.append(src.problem(("spec", "public"),
                                        f"public: true turns every check off; remove {', '.join(checks)}"))
-        elif not checks:
+        elif not checks and not spec.filters:
             out.append(src.problem(("spec",), f"the policy has no check: set {', '.join(CHECKS)} or public"))
         if spec.jwt:
             _jwt(pol, out)
@@ -135,8 +193,12 @@ def _policies(p: PolicySet, out: list[Problem]) -> None:
                                                      "checks in another policy"))
         if spec.ext_auth:
             _ext_auth(p, pol, out)
+        if spec.filters:
+            _filters(p, pol, out)
         _satisfy(pol, out)
-        out.extend(cel.problems(pol))
+        route = p.routes.get(ref.name) if ref.kind == "Route" else None
+        out.extend(cel.problems(pol, jwt=bool(spec.jwt or spec.oidc) or (
+            route is not None and route.resource.spec.gateway in gateways_with_jwt)))
     for route_name, pols in by_route.items():
         whole = [x for x in pols if x.resource.spec.target_ref.rule is None]
         parts = [x for x in pols if x.resource.spec.target_ref.rule is not None]
@@ -209,6 +271,45 @@ def _satisfy(pol: Located[AuthPolicy], out: list[Problem]) -> None:
                                           f"({name!r} also carries another credential)"))
 
 
+def _filters(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    """Unique names; each module file exists and is a shared object for this Envoy's ABI; an entry
+    turned off names one of its gateway's."""
+    filters = pol.resource.spec.filters
+    _names(pol, ("spec", "filters"), filters, out)
+    base = os.path.dirname(pol.source.path)
+    ref = pol.resource.spec.target_ref
+    route = p.routes.get(ref.name) if ref.kind == "Route" else None
+    gw_name = route.resource.spec.gateway if route else None
+    gateway = TargetRef(kind="Gateway", name=gw_name) if gw_name else None
+    inherited = {f.name for x in p.auth_policies.values() if gateway and x.resource.spec.target_ref == gateway
+                 for f in x.resource.spec.filters}
+    for i, f in enumerate(filters):
+        why = modules.filter_problems(f, base)
+        if why:
+            out.append(pol.source.problem(("spec", "filters", i, "module"), why))
+        if not f.enabled and f.name not in inherited:
+            out.append(pol.source.problem(("spec", "filters", i, "enabled"),
+                                          f"enabled: false turns off a gateway-level filter, and the gateway's "
+                                          f"policy has no filter {f.name!r}"))
+
+
+def _native(pol: Located[AuthPolicy], out: list[Problem]) -> None:
+    """``extAuth.engine: native``: rules the module can decide, and the module is here."""
+    spec = pol.resource.spec
+    ext = spec.ext_auth
+    assert ext is not None
+    where = ("spec", "extAuth")
+    if ext.service != "builtin":
+        out.append(pol.source.problem((*where, "engine"), "engine: native runs builtin rules (service: builtin)"))
+        return
+    for path, what in modules.native_obstacles(ext, spec.mode == "shadow"):
+        out.append(pol.source.problem((*where, *path) if path else ("spec", "mode"),
+                                      f"engine: native cannot decide {what}; use engine: service"))
+    why = modules.native_unavailable()
+    if why:
+        out.append(pol.source.problem((*where, "engine"), why))
+
+
 def _jwt(pol: Located[AuthPolicy], out: list[Problem]) -> None:
     jwt = pol.resource.spec.jwt
     assert jwt is not None
@@ -219,6 +320,8 @@ def _ext_auth(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Non
     ext = pol.resource.spec.ext_auth
     assert ext is not None
     where = ("spec", "extAuth")
+    if ext.engine == "native":
+        _native(pol, out)
     if ext.service == "builtin":
         for name in ("path_prefix", "headers_to_upstream"):
             if getattr(ext, name):
@@ -268,7 +371,8 @@ def _builtin_rules(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -
     if any(r.when.uses_jwt() for r in ext.rules) and not (pol.resource.spec.jwt or pol.resource.spec.oidc):
         ref = pol.resource.spec.target_ref
         route = p.routes.get(ref.name) if ref.kind == "Route" else None
-        gateway = TargetRef(kind="Gateway", name=route.resource.spec.gateway) if route else None
+        gw_name = route.resource.spec.gateway if route else None
+        gateway = TargetRef(kind="Gateway", name=gw_name) if gw_name else None
         if gateway is None or not any(
                 x.resource.spec.jwt and x.resource.spec.target_ref == gateway for x in p.auth_policies.values()):
             out.append(pol.source.problem(where, f"{_jwt_kinds(ext.rules)} conditions need a jwt section in "
@@ -277,7 +381,9 @@ def _builtin_rules(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -
         not (any(c.api_keys or c.authenticated is not None for c in r.when.nested()) or r.upstream_headers
              or r.remove_headers or r.response_headers) and r.deny == _NATIVE_DENY
         for r in ext.rules)
-    if native and not ext.api_keys:
+    ref = pol.resource.spec.target_ref
+    forward_only = ref.kind == "Route" and ref.name in p.routes and p.routes[ref.name].resource.spec.gateway is None
+    if native and not ext.api_keys and not forward_only:  # a forward-only route has no Envoy to run them
         p.warnings.append(pol.source.problem(
             where, "these rules only use what native `authorization` rules can express (claims, "
                    "headers, sourceCIDRs, methods, paths; 403 on deny): native rules keep ~88% of "

@@ -304,11 +304,12 @@ def test_explain_names_the_deciding_line_for_deny_and_allow(policy_dir):
     assert f"decided by: jwt_authn (gateway) of policy edge-jwt at {path}:{line_of(POLICIES, '  jwt:')}" in r.stdout
 
 
-def test_explain_client_cert_not_supported_yet(policy_dir):
+def test_explain_client_cert_unreadable(policy_dir):
+    """``--client-cert`` works over https listeners (tests/cli/test_explain_tls.py); a bad one is one line."""
     r = run_cli("explain", str(policy_dir), "--fleet", "edge", "GET", "/x", "--client-cert", "c.pem")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "authplane explain: --client-cert is not supported yet (explain sends plain HTTP)"]
+        "authplane explain: --client-cert: cannot read c.pem: No such file or directory"]
 
 
 def test_harness_stops_every_process(policy_dir):

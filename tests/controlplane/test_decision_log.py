@@ -252,3 +252,190 @@ def test_slow_writer_drops_and_counts_without_blocking_requests(tmp_path, proces
         assert all(json.loads(line)["policy"] == "read-only" for line in data.splitlines())
     finally:
         os.close(reader)
+
+
+ATTRIBUTION = """
+    kind: Route
+    metadata: {name: app}
+    spec:
+      gateway: edge
+      rules:
+        - {name: api, match: {pathPrefix: /api}, backend: echo}
+        - {name: ext, match: {pathPrefix: /ext}, backend: echo}
+        - {name: open, match: {pathPrefix: /open}, backend: echo}
+    ---
+    kind: AuthPolicy
+    metadata: {name: members}
+    spec:
+      targetRef: {kind: Gateway, name: edge}
+      authorization:
+        rules:
+          - {name: members, action: allow, when: {headers: {x-member: ["yes"]}}}
+          - {name: no-red, action: deny, when: {headers: {x-team: [red]}}}
+    ---
+    kind: AuthPolicy
+    metadata: {name: admins}
+    spec:
+      targetRef: {kind: Route, name: app, rule: api}
+      authorization:
+        rules:
+          - {name: admins, action: allow, when: {headers: {x-role: [admin]}}}
+          - {name: no-deletes, action: deny, when: {methods: [DELETE]}}
+    ---
+    kind: AuthPolicy
+    metadata: {name: ext}
+    spec:
+      targetRef: {kind: Route, name: app, rule: ext}
+      extAuth:
+        service: builtin
+        rules:
+          - {name: no-blue, action: deny, when: {headers: {x-team: [blue]}}}
+          - {name: no-writes, action: deny, mode: shadow, when: {methods: [POST]}}
+          - {name: rest, action: allow}
+    ---
+    kind: AuthPolicy
+    metadata: {name: open}
+    spec: {targetRef: {kind: Route, name: app, rule: open}, public: true}
+"""
+
+
+def _serve_attribution(tmp_path, processes, echo, log_path: str, *extra: str) -> tuple[ServeProcess, int]:
+    envoys, serves = processes
+    port = free_port()
+    d = write_policies(str(tmp_path / "policies"), {
+        "policies.yaml": documents(gateway("edge", port), backend("echo", echo.port), ATTRIBUTION)})
+    grpc_port, http_port = free_port(), free_port()  # Envoy's clusters of the builtin decision service
+    serve = ServeProcess(d, str(tmp_path), 0, "--decision-log", log_path,
+                         "--authz-grpc", f"127.0.0.1:{grpc_port}", "--authz-grpc-listen", f"127.0.0.1:{grpc_port}",
+                         "--authz-http", f"127.0.0.1:{http_port}", "--authz-http-listen", f"127.0.0.1:{http_port}",
+                         *extra).wait_started()
+    serves.append(serve)
+    envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)])
+    serve.wait_in_sync("edge-1")
+    _expect(port, "/open", 200)  # public: not logged
+    return serve, port
+
+
+def test_rbac_denials_name_the_level_that_denied_and_the_deny_rule_that_excluded(tmp_path, processes, echo):
+    """Both levels ``default: deny``: Envoy's ``matched_policy[none]`` alone cannot tell which
+    level denied, nor which deny rule excluded the request; the per-policy enforced result and
+    the ``deny_prefix`` shadow rules can (``contract.py``)."""
+    log_path = str(tmp_path / "decisions.jsonl")
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path)
+    member = {"x-member": "yes"}
+    sent = [("GET", {**member, "x-role": "admin"}, 200),
+            ("GET", {"x-role": "admin"}, 403),  # no gateway allow rule matched
+            ("GET", {**member, "x-role": "admin", "x-team": "red"}, 403),  # the gateway's deny rule
+            ("DELETE", {**member, "x-role": "admin"}, 403),  # the route's deny rule
+            ("GET", member, 403)]  # no route allow rule matched
+    for method, headers, status in sent:
+        assert request(port, "/api/x", method, headers).status == status, (method, headers)
+    got = [(r["status"], r["policy"], r["level"], r["check"], r["rule"], r["verdict"])
+           for r in _lines(log_path, len(sent))]
+    assert got == [
+        (200, "admins", "route", None, None, "allow"),
+        (403, "members", "gateway", "authorization", None, "deny"),
+        (403, "members", "gateway", "authorization", "no-red", "deny"),
+        (403, "admins", "route", "authorization", "no-deletes", "deny"),
+        (403, "admins", "route", "authorization", None, "deny"),
+    ]
+    decisions = _decisions(serve)
+    assert decisions[("members", "no-red", "deny")] == 1 and decisions[("admins", "no-deletes", "deny")] == 1
+
+
+def test_a_shadow_builtin_rule_is_logged_counted_and_in_status_by_name(tmp_path, processes, echo):
+    log_path = str(tmp_path / "decisions.jsonl")
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path)
+    member = {"x-member": "yes"}
+    for method, headers, status in [("POST", member, 200), ("GET", member, 200),
+                                    ("POST", {**member, "x-team": "blue"}, 403)]:
+        assert request(port, "/ext/x", method, headers).status == status, (method, headers)
+    lines = _lines(log_path, 3)
+    got = [(r["status"], r["policy"], r["check"], r["rule"], r["verdict"], r.get("would_deny")) for r in lines]
+    shadow_rule = [{"policy": "ext", "level": "route", "check": "extAuth", "rule": "no-writes",
+                    "origin": lines[0]["origin"]}]  # one would-deny: the recorder's is the same one
+    assert got == [
+        (200, "ext", "extAuth", "no-writes", "would-deny", shadow_rule),
+        (200, "ext", None, None, "allow", None),
+        (403, "ext", "extAuth", None, "deny", None),  # the enforced rule; the shadow one adds nothing
+    ]
+    assert _decisions(serve)[("ext", "no-writes", "would-deny")] == 1
+    status = serve.status()["shadow"]
+    assert set(status) == {"ext"}
+    assert (status["ext"]["decisions"], status["ext"]["would_deny"]) == (3, 1)
+
+
+def _filtered(port: int) -> None:
+    """Allows, a deny and a would-deny (by the shadow builtin rule), allows last."""
+    member = {"x-member": "yes"}
+    sent = [("GET", "/api/x", {**member, "x-role": "admin"}, 200)] * 10 + [
+        ("GET", "/api/x", member, 403), ("POST", "/ext/x", member, 200)] + [("GET", "/ext/x", member, 200)] * 10
+    for method, path, headers, status in sent:
+        assert request(port, path, method, headers).status == status, (method, path, headers)
+
+
+def test_envoy_reports_only_the_verdicts_asked_for(tmp_path, processes, echo):
+    """``--decision-log-verdicts deny,would-deny``: Envoy's access-log filter tells the verdicts
+    apart, so the allows never leave Envoy (nothing to write, count or drop)."""
+    log_path = str(tmp_path / "decisions.jsonl")
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, "--decision-log-verdicts", "deny,would-deny")
+    _filtered(port)
+    assert request(port, "/api/x", "DELETE", {"x-member": "yes", "x-role": "admin"}).status == 403  # the last line
+    lines = _lines(log_path, 3)
+    assert [(r["policy"], r["rule"], r["verdict"]) for r in lines] == [
+        ("admins", None, "deny"), ("ext", "no-writes", "would-deny"), ("admins", "no-deletes", "deny")]
+    decisions = _decisions(serve)
+    assert decisions.get(("admins", "", "allow"), 0) == 0 and decisions.get(("ext", "", "allow"), 0) == 0
+
+
+def test_a_sample_of_the_allows_is_reported_and_every_denial(tmp_path, processes, echo):
+    """``--decision-log-sample 0.000001``: one allow in a million is reported (by request id: the
+    20 allows here are all left out but with a probability of 2e-5), every deny and would-deny is."""
+    log_path = str(tmp_path / "decisions.jsonl")
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, "--decision-log-sample", "0.000001")
+    _filtered(port)
+    assert request(port, "/api/x", "DELETE", {"x-member": "yes", "x-role": "admin"}).status == 403
+    lines = _lines(log_path, 3)
+    assert [(r["policy"], r["verdict"]) for r in lines] == [("admins", "deny"), ("ext", "would-deny"),
+                                                            ("admins", "deny")]
+    assert serve.status()["shadow"]["ext"]["would_deny"] == 1
+
+
+def test_lines_are_json_whatever_the_strings_envoy_sends(tmp_path):
+    """Lines are written as text from pre-encoded parts, not ``json.dumps`` of a dict: quotes,
+    backslashes, control and non-ASCII characters in what Envoy sends still make valid JSON."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from prometheus_client import CollectorRegistry
+
+    from authplane.controlplane.decisions import DecisionLog
+    from authplane.controlplane.metrics import DecisionMetrics
+    from authplane.controlplane.store import Revision
+    from authplane.policy.loader import load_dir
+
+    d = write_policies(str(tmp_path / "policies"), {"policies.yaml": documents(
+        gateway("edge", 8080), backend("echo", 9000), ATTRIBUTION)})
+    log = DecisionLog(os.devnull, DecisionMetrics(CollectorRegistry()))
+    log.on_revision(Revision({}, load_dir(d)))
+    lines: list[str] = []
+    log.writer.offer = lambda batch: lines.extend(batch) or 0  # type: ignore[method-assign]
+    odd = 'a"b\\c\u00e9\u2028\x01'
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.common_properties.route_name = "app/api"
+    entry.common_properties.start_time.seconds = 1_800_000_000
+    entry.common_properties.start_time.nanos = 123_999_999
+    entry.common_properties.metadata.filter_metadata["envoy.filters.http.jwt_authn"].update(
+        {"jwt_payload": {"sub": odd}})
+    entry.request.request_id = odd
+    entry.response.response_code.value = 403
+    entry.response.response_code_details = f"rbac_access_denied_matched_policy[{odd}]"
+    log.entries("edge", odd, [entry])
+    assert len(lines) == 1 and lines[0].endswith("}\n") and lines[0].isascii()
+    record = json.loads(lines[0])
+    assert record == {
+        "time": "2027-01-15T08:00:00.123+00:00", "fleet": "edge", "node": odd, "request_id": odd,
+        "route": "app/api", "policy": "admins", "level": "route", "check": "authorization", "rule": None,
+        "verdict": "deny", "status": 403, "details": entry.response.response_code_details,
+        "identity": {"sub": odd}, "origin": record["origin"]}
+    text = (tmp_path / "policies" / "policies.yaml").read_text().splitlines()
+    start = text.index("metadata: {name: admins}") - 1  # 1-based: the document's first line, two above
+    assert record["origin"] == f"{d}/policies.yaml:{start}"

@@ -274,7 +274,7 @@ def policy_case(seed: int) -> PolicyCase:
         if spread and on_disk and rng.random() < 0.4:  # a subdirectory, with the referenced files
             sub = os.path.join(where, f"sub{rng.randrange(3)}")
             assets.update({os.path.join(sub, os.path.relpath(a, where or ".")): a for a in ex.assets
-                           if os.path.dirname(a).startswith(where)})
+                           if not where or os.path.commonpath([os.path.dirname(a), where]) == where})
             where = sub
         name = os.path.join(where, f"part{rng.randrange(4)}.yaml") if spread else origin
         body = _dump(rng, doc)

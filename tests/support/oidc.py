@@ -16,14 +16,14 @@ from tests.support.http import Response
 
 
 @contextmanager
-def oidc_provider() -> Iterator[str]:
+def oidc_provider(**options: object) -> Iterator[str]:
     """Start oidc-provider-mock on 127.0.0.1 (OS-chosen port); yields its issuer URL. Any client ID
     and secret are accepted; users sign in with the form (``sub``) and get the claims set with
-    ``set_user``."""
+    ``set_user``. ``options``: for ``oidc_provider_mock.app`` (``access_token_max_age`` ...)."""
     import oidc_provider_mock
     import werkzeug.serving
 
-    server = werkzeug.serving.make_server("127.0.0.1", 0, oidc_provider_mock.app(), threaded=True)
+    server = werkzeug.serving.make_server("127.0.0.1", 0, oidc_provider_mock.app(**options), threaded=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:

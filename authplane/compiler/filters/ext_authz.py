@@ -12,13 +12,13 @@ travels in the per-route path prefix (``/envoy/<policy>``); Envoy sends the requ
 adds the client address and the verified JWT payload from its own state (never a client's copy);
 only the headers the policy's rules set may reach the upstream or the client.
 
-``mode: shadow``: the builtin decision service answers allow and reports the would-deny in the
-check response (``authplane/contract.py``); a recorder (RBAC shadow rules, after the checks) notes
-it. Envoy's ext_authz has no way to let a denial pass, so a Backend service in shadow is not
-given to it: a Lua instance (``_BYO_SHADOW``) calls the service over HTTP with the request's
-headers, ignores its answer but for recording a non-200 as the same would-deny report. The cost:
-a Lua call per request, the service's headers never reach the upstream, and a gRPC Backend
-cannot be shadowed (the policy is refused: Lua speaks no gRPC).
+``mode: shadow`` (on the policy, or on one builtin rule): the builtin decision service answers
+allow and reports the would-deny in the check response (``authplane/contract.py``); a recorder
+(RBAC shadow rules, after the checks) notes it. Envoy's ext_authz has no way to let a denial pass,
+so a Backend service in shadow is not given to it: a Lua instance (``_BYO_SHADOW``) calls the
+service over HTTP with the request's headers, ignores its answer but for recording a non-200 as
+the same would-deny report. The cost: a Lua call per request, the service's headers never reach
+the upstream, and a gRPC Backend cannot be shadowed (the policy is refused: Lua speaks no gRPC).
 
 The service's cluster (``resources``) is authplane's own decision service, at the address of
 ``CompileOptions``, or the cluster of the Backend the policy names.
@@ -43,9 +43,11 @@ from google.protobuf.message import Message
 
 from authplane.addresses import split_address
 from authplane.compiler.filters.base import Filter, Needs, PerFilterConfig, enable, http_filter
+from authplane.compiler.filters.dynamic_module import native
 from authplane.compiler.filters.rbac import recorder_name, shadow_record, shadow_recorder
 from authplane.compiler.ir import LEVELS, Checks, ClusterIR, ListenerIR
 from authplane.compiler.protos import duration
+from authplane.compiler.tls import FLEET_CERT_SECRET
 from authplane.contract import (
     BUILTIN_HTTP_PREFIX,
     CLIENT_IP_HEADER,
@@ -64,6 +66,7 @@ from authplane.contract import (
     TARGET_KEY,
     WOULD_DENY,
 )
+from authplane.policy.documents import TlsMaterial
 from authplane.policy.model import AuthPolicySpec, ExtAuth
 
 BUILTIN_GRPC = "authplane_authz_grpc"
@@ -88,10 +91,16 @@ def _cluster(lst: ListenerIR, s: ExtAuth) -> ClusterIR:
         return lst.env.backends[s.service]
     grpc = s.protocol == "grpc"
     address = lst.env.opts.authz_grpc if grpc else lst.env.opts.authz_http
+    endpoint, tls = split_address(address), lst.env.opts.authz_tls
     # gRPC: a few streams per connection, so Envoy's checks spread over the connections (and
     # ``--authz-workers`` processes) instead of one HTTP/2 connection per Envoy thread
-    return ClusterIR(_cluster_name(s), (split_address(address),), grpc, 1.0, False, None, None,
-                     BUILTIN_GRPC_STREAMS if grpc else None)
+    streams = BUILTIN_GRPC_STREAMS if grpc else None
+    if tls is None:
+        return ClusterIR(_cluster_name(s), (endpoint,), grpc, 1.0, False, None, None, streams)
+    # over TLS (compiler/tls.py): the service's CA over SDS (or the system store), its name checked
+    return ClusterIR(_cluster_name(s), (endpoint,), grpc, 1.0, True, tls.server_name or endpoint[0], None, streams,
+                     TlsMaterial(ca=tls.ca) if tls.ca is not None else None,
+                     FLEET_CERT_SECRET if tls.client_cert else None)
 
 
 def rules_digest(spec: AuthPolicySpec, ext_keys: str | None) -> str:
@@ -128,7 +137,7 @@ def _service(checks: Checks, route: bool) -> grpc_service_pb2.GrpcService | ea.H
             _exact(http.authorization_response, "allowed_upstream_headers", s.upstream_headers())
             _exact(http.authorization_response, "allowed_client_headers_on_success",
                    s.response_headers())
-            if checks.spec.mode == MODE_SHADOW:
+            if _reports(checks):
                 # The shadow report (response headers) becomes metadata and never goes upstream.
                 _exact(http.authorization_response, "dynamic_metadata_from_headers", list(_REPORT))
                 if not s.upstream_headers():
@@ -192,6 +201,13 @@ def _byo_shadow(checks: Checks) -> PerFilterConfig:
     return {f"{_LUA}.{checks.level}": enable(per_route)}
 
 
+def _reports(checks: Checks) -> bool:
+    """A level whose builtin service may report a would-deny: the policy, or one of its rules,
+    is ``mode: shadow``."""
+    s = checks.spec.ext_auth
+    return s is not None and (checks.spec.mode == MODE_SHADOW or any(r.mode == MODE_SHADOW for r in s.rules or ()))
+
+
 def _byo(checks: Checks) -> bool:
     """A Backend service of a policy in shadow (run by Lua, not by an ext_authz instance)."""
     return checks.spec.mode == MODE_SHADOW and _spec(checks).service != "builtin"
@@ -243,7 +259,7 @@ def _per_route(checks: Checks) -> any_pb2.Any:
 
 
 def _ext(lst: ListenerIR) -> list[Checks]:
-    return [c for c in lst.all_checks() if c.spec.ext_auth is not None]
+    return [c for c in lst.all_checks() if c.spec.ext_auth is not None and not native(c)]
 
 
 class ExtAuthz(Filter):
@@ -261,7 +277,7 @@ class ExtAuthz(Filter):
             if not _byo(checks):
                 first.setdefault(self._instance(checks), checks)
         ordered = sorted(first.items(), key=lambda kv: (kv[1].level != "gateway", kv[0]))
-        shadow = {c.level for c in _ext(lst) if c.spec.mode == MODE_SHADOW}
+        shadow = {c.level for c in _ext(lst) if _reports(c)}
         byo = {c.level for c in _ext(lst) if _byo(c)}
         idle = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=_LUA_IDLE))
         return [*(http_filter(n, _filter(checks), disabled=True) for n, checks in ordered),
@@ -269,9 +285,9 @@ class ExtAuthz(Filter):
                 *(shadow_recorder(recorder_name("extAuth", lvl)) for lvl in LEVELS if lvl in shadow)]
 
     def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
-        if not checks.spec.ext_auth:
+        if not checks.spec.ext_auth or native(checks):  # engine: native: compiled by dynamic_module
             return {}
-        if checks.spec.mode != MODE_SHADOW:
+        if not _reports(checks):
             return {self._instance(checks): _per_route(checks)}
         if _byo(checks):
             return {**_byo_shadow(checks), **_recorded(checks)}

@@ -10,6 +10,11 @@ or failed token passes; its providers write a failure to ``failed_status_in_meta
 notes a would-deny when no verified payload is in the metadata. Native in Envoy, no extra cost;
 with an enforcing gateway JWT as well, the gateway's verified payload also satisfies the route's
 recorder (one ``jwt_payload`` key for all providers).
+
+The verified payload is written to the dynamic metadata (``payload_in_metadata``) only by the
+providers of a policy some check on one of its routes reads it from (``reads_payload``): copying
+the payload into every request's metadata is most of a cached token's cost in Envoy
+(``bench/datapath.py``). ``serve --decision-log`` keeps it everywhere (the log names ``sub``).
 """
 
 from __future__ import annotations
@@ -107,11 +112,36 @@ def _route_requirement(lst: ListenerIR, route: RouteIR) -> tuple[str, jwt.JwtReq
     return None
 
 
-def _provider(ir: JwtCheck, name: str) -> jwt.JwtProvider:
+def reads_payload(checks: Checks) -> bool:
+    """Whether a level's checks read the verified JWT payload from the dynamic metadata: claim,
+    scope or CEL conditions, an extAuth service (sent the payload), a shadow JWT check's recorder."""
+    spec = checks.spec
+    rules = spec.authorization.rules if spec.authorization else []
+    return (spec.ext_auth is not None or (spec.mode == MODE_SHADOW and spec.jwt is not None)
+            or any(r.when.uses_jwt() or any(c.cel is not None for c in r.when.nested()) for r in rules))
+
+
+def _payload_policies(lst: ListenerIR) -> set[str]:
+    """The policies whose providers write the payload: those whose JWT check applies on a route
+    (or the gateway level) where a check reads it; every one with the decision log."""
+    irs = _jwts(lst)
+    if lst.env.opts.decision_log_cluster:
+        return {ir.policy for ir in irs}
+    keep: set[str] = set()
+    levels = [[lst.checks] if lst.checks else []]
+    levels += [[c for c in (lst.checks, r.checks) if c] for vh in lst.virtual_hosts for r in vh.routes
+               if not r.public]
+    for applied in levels:
+        if any(reads_payload(c) for c in applied):
+            keep.update(ir.policy for c in applied if (ir := jwt_check(c)) is not None)
+    return keep
+
+
+def _provider(ir: JwtCheck, name: str, payload: bool = True) -> jwt.JwtProvider:
     prov = next(p for p in ir.spec.providers if p.name == name)
     out = jwt.JwtProvider(
         issuer=prov.issuer or "", audiences=prov.audiences, forward=prov.forward,
-        payload_in_metadata=JWT_PAYLOAD_KEY, clock_skew_seconds=round(prov.clock_skew),
+        payload_in_metadata=JWT_PAYLOAD_KEY if payload else "", clock_skew_seconds=round(prov.clock_skew),
         claim_to_headers=[jwt.JwtClaimToHeader(header_name=h, claim_name=c)
                           for c, h in sorted(prov.claims_to_headers.items())],
     )
@@ -161,9 +191,11 @@ class JwtAuthn(Filter):
         if not irs:
             return []
         cfg = jwt.JwtAuthentication()
+        payload = _payload_policies(lst)
         for ir in irs:
             for prov in ir.spec.providers:
-                cfg.providers[provider_name(ir.policy, prov.name)].CopyFrom(_provider(ir, prov.name))
+                cfg.providers[provider_name(ir.policy, prov.name)].CopyFrom(
+                    _provider(ir, prov.name, ir.policy in payload))
         gw = jwt_check(lst.checks)
         if gw:
             cfg.requirement_map[gw.policy].CopyFrom(_requirement(gw))

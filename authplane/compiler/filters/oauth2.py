@@ -14,9 +14,7 @@ clients (``X-Requested-With``, ``Accept: application/json``, no ``Accept``) get 
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.parse
 
 from envoy.config.core.v3 import http_uri_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -34,7 +32,7 @@ from authplane.compiler.ir import Checks, ListenerIR, RouteIR, specificity
 from authplane.compiler.protos import ads_source, duration
 from authplane.errors import CompileError
 from authplane.policy.model import Jwks, Jwt, JwtProvider, Oidc, RouteMatch, TokenSource
-from authplane.policy.oidc import ResolvedOidc, id_token_claims
+from authplane.policy.oidc import ResolvedOidc, authorization_url
 
 
 def _per_route_class() -> type[Message]:
@@ -95,16 +93,6 @@ def id_token_check(checks: Checks) -> Jwt:
         claims_to_headers=spec.claims_to_headers)])
 
 
-def authorization_url(checks: Checks, endpoint: str) -> str:
-    """The provider's authorization endpoint, with the OpenID ``claims`` request parameter when
-    the policy needs claims in the ID token (Envoy keeps the endpoint's query and adds its own)."""
-    claims = id_token_claims(checks.spec.oidc, checks.spec.authorization) if checks.spec.oidc else []
-    if not claims:
-        return endpoint
-    value = json.dumps({"id_token": dict.fromkeys(claims)}, separators=(",", ":"))
-    return f"{endpoint}{'&' if '?' in endpoint else '?'}claims={urllib.parse.quote(value, safe='')}"
-
-
 def _sds(secret: str) -> secret_pb2.SdsSecretConfig:
     return secret_pb2.SdsSecretConfig(name=secret, sds_config=ads_source())
 
@@ -135,7 +123,8 @@ def config(checks: Checks) -> oauth.OAuth2Config:
     cfg = oauth.OAuth2Config(
         token_endpoint=http_uri_pb2.HttpUri(uri=endpoints.token, cluster=uri_cluster(endpoints.token).name,
                                             timeout=duration(5)),
-        authorization_endpoint=authorization_url(checks, endpoints.authorization),
+        authorization_endpoint=authorization_url(checks.spec.oidc, checks.spec.authorization,
+                                                 endpoints.authorization),
         auth_type=_AUTH_TYPE[s.token_endpoint_auth],
         end_session_endpoint=endpoints.end_session or "",
         credentials=oauth.OAuth2Credentials(

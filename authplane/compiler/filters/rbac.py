@@ -34,7 +34,7 @@ from authplane.compiler import cel
 from authplane.compiler.filters.base import Filter, PerFilterConfig, http_filter
 from authplane.compiler.ir import LEVELS, Checks, ListenerIR
 from authplane.compiler.protos import pack
-from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, MODE_SHADOW, shadow_prefix
+from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, MODE_SHADOW, deny_prefix, enforced_prefix, shadow_prefix
 from authplane.policy.model import Authorization, Conditions
 from authplane.policy.types import PathMatch, StringMatch, scope_regex
 
@@ -237,10 +237,16 @@ class Rbac(Filter):
         if checks.spec.mode != MODE_SHADOW:
             enforced = authz.model_copy(update={"rules": [r for r in authz.rules if r.mode != MODE_SHADOW]})
             cfg.rules.CopyFrom(rules(enforced, ignore_case))
-            cfg.rules_stat_prefix = f"{checks.policy}."
+            cfg.rules_stat_prefix = enforced_prefix(checks.policy)
         if checks.spec.mode == MODE_SHADOW or shadowed:
             cfg.shadow_rules.CopyFrom(rules(authz, ignore_case))
             cfg.shadow_rules_stat_prefix = shadow_prefix("authorization", checks.level, checks.policy)
+        elif lst.env.opts.decision_log_cluster and authz.default == "deny" and any(
+                r.action == "deny" for r in authz.rules):
+            # Only to name the deny rule of a denial in the decision log (contract.deny_prefix):
+            # one more evaluation of the deny rules per request, so only when the log is on.
+            cfg.shadow_rules.CopyFrom(rules(authz.model_copy(update={"default": "allow"}), ignore_case))
+            cfg.shadow_rules_stat_prefix = deny_prefix(checks.level, checks.policy)
         return {self.name(checks.level): pack(rbac_filter.RBACPerRoute(rbac=cfg))}
 
 

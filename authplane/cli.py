@@ -78,6 +78,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     snapshots = compile_policies(policies, _options(args))
     for w in policies.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    for n in policies.notes:
+        print(f"info: {n}", file=sys.stderr)
     if args.report:
         from authplane.compiler.report import report
         from authplane.compiler.translate import build

@@ -31,6 +31,10 @@ its builtin rules (so a rule edit changes the fleet's version though Envoy never
 
 BUILTIN_HTTP_PREFIX = "/envoy/"
 """HTTP mode: the decision service reads the policy from the path, ``/envoy/<policy>/<path>``."""
+BUILTIN_HTTP_REPORT_PREFIX = "/envoy-report/"
+"""The same with the decision log on: the service also names the rule of a denial in response
+headers (``DENIED`` below), which that route's config turns into metadata and keeps from the
+client. A path prefix, not a request header, so a client can never ask for them."""
 
 # --- shadow mode (issue 12): where each check's would-deny is found in Envoy's state ----------
 #
@@ -106,3 +110,11 @@ reports the same on an allow of the enforced rules (``rule``: the shadow deny ru
 sends them as response headers that Envoy copies there (``dynamic_metadata_from_headers``); a
 shadow HTTP Backend's Lua call writes the same keys (``rule`` empty) when the service answers
 anything but 200."""
+DENIED = "deny"
+"""An enforced denial by a builtin rule: ``{authplane.verdict: deny, authplane.policy, authplane.rule}``
+in the same namespace, so the decision log names the rule (Envoy's response code details say only
+``ext_authz_denied``). gRPC mode: the denied CheckResponse's ``dynamic_metadata`` (Envoy 1.40
+keeps it on a denial); HTTP mode: response headers of the denial, only on
+``BUILTIN_HTTP_REPORT_PREFIX`` paths, that the route copies to metadata
+(``dynamic_metadata_from_headers``) and leaves out of the client's answer
+(``allowed_client_headers``: names without a dot)."""

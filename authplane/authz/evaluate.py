@@ -18,7 +18,14 @@ from urllib.parse import quote
 import re2
 
 from authplane.authz.rules import CompiledPolicy, KeyTable, Matcher, Rule, Values, trim_slash
-from authplane.contract import IDENTITY_HEADERS, SHADOW_POLICY_KEY, SHADOW_RULE_KEY, SHADOW_VERDICT_KEY, WOULD_DENY
+from authplane.contract import (
+    DENIED,
+    IDENTITY_HEADERS,
+    SHADOW_POLICY_KEY,
+    SHADOW_RULE_KEY,
+    SHADOW_VERDICT_KEY,
+    WOULD_DENY,
+)
 from authplane.policy.types import re2_options
 
 BROWSER = "text/html"
@@ -81,6 +88,14 @@ def shadow_report(d: Decision) -> dict[str, str]:
     """What a shadow allow tells Envoy about the denial it stands for (``authplane/contract.py``):
     gRPC mode sends it as dynamic metadata, HTTP mode as response headers Envoy turns into it."""
     return {SHADOW_VERDICT_KEY: WOULD_DENY, SHADOW_POLICY_KEY: d.would_deny, SHADOW_RULE_KEY: d.would_deny_rule}
+
+
+def deny_report(policy: str, d: Decision) -> dict[str, str]:
+    """What an enforced denial by a rule of ``policy`` tells Envoy's access log, never the client
+    (``contract.DENIED``); empty for an allow or a denial no rule made."""
+    if d.allow or not d.rule:
+        return {}
+    return {SHADOW_VERDICT_KEY: DENIED, SHADOW_POLICY_KEY: policy, SHADOW_RULE_KEY: d.rule}
 
 
 def api_client(keys: KeyTable, headers: Mapping[str, str]) -> str | None:

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from authplane.authz.decider import Decider
-from authplane.authz.evaluate import Decision, Request, deny, shadow_report
+from authplane.authz.evaluate import Decision, Request, deny, deny_report, shadow_report
 from authplane.contract import JWT_FILTER, JWT_PAYLOAD_KEY, POLICY_KEY
 
 log = logging.getLogger("authplane.authz")
@@ -35,8 +35,9 @@ def _headers(pairs: tuple[tuple[str, str], ...]) -> list[base_pb2.HeaderValueOpt
 
 
 @functools.lru_cache(maxsize=4096)
-def encode(d: Decision) -> bytes:
-    """The serialized CheckResponse; memoized, as most decisions repeat (same rule, same identity)."""
+def encode(d: Decision, policy: str = "") -> bytes:
+    """The serialized CheckResponse; memoized, as most decisions repeat (same rule, same identity).
+    A denial by a rule of ``policy`` names it in the dynamic metadata (``contract.DENIED``)."""
     if d.allow:
         out = pb.CheckResponse(status=status_pb2.Status(code=_GRPC_OK), ok_response=pb.OkHttpResponse(
             headers=_headers(d.upstream), headers_to_remove=list(d.remove),
@@ -50,6 +51,8 @@ def encode(d: Decision) -> bytes:
             denied_response=pb.DeniedHttpResponse(
                 status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type]
                 headers=_headers(d.headers), body=d.body))
+        if policy and d.rule:  # Envoy logs it; the client never sees dynamic metadata
+            out.dynamic_metadata.update(deny_report(policy, d))
     return out.SerializeToString()
 
 
@@ -113,7 +116,7 @@ class GrpcFrontend:
         if hit is None:
             req.claims = struct_to_dict(payload) if payload is not None else None
             decision = self.decider.decide(pol, req)
-            hit = (decision, encode(decision))
+            hit = (decision, encode(decision, pol.name))
             self.decider.remember(key, pol, decision, hit)
         self.decider.count(pol.name, hit[0])
         return hit[1]

@@ -3,6 +3,8 @@
 * ``/envoy/<policy>/<original path>``: Envoy's ext_authz in HTTP mode. Envoy sends the original
   method and path behind the per-route path prefix, the headers the rules read, and, from its own
   state, the client address and the verified JWT payload (headers Envoy always overwrites).
+  ``/envoy-report/<policy>/...``: the same, with the decision log on (a denial names its rule in
+  headers Envoy keeps from the client, ``contract.DENIED``).
 * ``/authz/<policy>`` (or ``/authz`` with ``X-Authplane-Policy``): forward auth for ingress-nginx
   ``auth-url`` and Traefik ``forwardAuth``; the original request is described by
   ``X-Original-URL``/``X-Original-Method`` (nginx) or ``X-Forwarded-*`` (Traefik). Plain
@@ -31,11 +33,16 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from authplane.authz.decider import Decider
-from authplane.authz.evaluate import BROWSER, Decision, Request, deny, shadow_report
+from authplane.authz.evaluate import BROWSER, Decision, Request, deny, deny_report, shadow_report
 from authplane.authz.rules import CompiledPolicy
 from authplane.authz.signin import SignInError, SignInFlow, _jar, absolute, safe_redirect
 from authplane.authz.tokens import InvalidToken
-from authplane.contract import BUILTIN_HTTP_PREFIX, CLIENT_IP_HEADER, JWT_PAYLOAD_HEADER
+from authplane.contract import (
+    BUILTIN_HTTP_PREFIX,
+    BUILTIN_HTTP_REPORT_PREFIX,
+    CLIENT_IP_HEADER,
+    JWT_PAYLOAD_HEADER,
+)
 
 log = logging.getLogger("authplane.authz")
 FORWARD_PREFIX = "/authz"
@@ -139,7 +146,7 @@ class HttpFrontend:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
         try:
-            if raw.startswith(BUILTIN_HTTP_PREFIX):
+            if raw.startswith((BUILTIN_HTTP_PREFIX, BUILTIN_HTTP_REPORT_PREFIX)):
                 return self.envoy(request)
             if raw == FORWARD_PREFIX or raw.startswith((FORWARD_PREFIX + "/", FORWARD_PREFIX + "?")):
                 return await self._timed_async(self._forward_timer, self.forward(request))
@@ -172,7 +179,9 @@ class HttpFrontend:
 
     def envoy(self, request: web.BaseRequest) -> web.Response:
         start = time.perf_counter()
-        name, _, rest = request.raw_path[len(BUILTIN_HTTP_PREFIX):].partition("/")
+        report = request.raw_path.startswith(BUILTIN_HTTP_REPORT_PREFIX)  # the decision log is on
+        prefix = BUILTIN_HTTP_REPORT_PREFIX if report else BUILTIN_HTTP_PREFIX
+        name, _, rest = request.raw_path[len(prefix):].partition("/")
         pol = self.decider.policy(name)
         if isinstance(pol, Decision):
             return _response(pol)
@@ -194,6 +203,8 @@ class HttpFrontend:
         response = _response(hit)
         if hit.would_deny:  # Envoy turns these into dynamic metadata (dynamic_metadata_from_headers)
             response.headers.update(shadow_report(hit))
+        elif report:  # the route keeps these from the client (contract.DENIED)
+            response.headers.update(deny_report(pol.name, hit))
         self._envoy_timer.observe(time.perf_counter() - start)
         return response
 

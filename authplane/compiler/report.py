@@ -4,6 +4,7 @@ with their ``file:line``, and whether a request without any credential gets thro
 
 from __future__ import annotations
 
+from authplane.compiler.filters.dynamic_module import native
 from authplane.compiler.ir import Checks, FleetIR, ListenerIR, RouteIR
 from authplane.policy.documents import PolicySet
 from authplane.policy.lint import Verdict, anonymous, combine
@@ -36,7 +37,9 @@ def _section(name: str, checks: Checks) -> str:
         return f"authorization (default {a.default}, {len(a.rules)} rule{'' if len(a.rules) == 1 else 's'})"
     if name == "extAuth" and spec.ext_auth is not None:
         ext = spec.ext_auth
-        where = "; decided in Envoy by the native module" if ext.engine == "native" else ""
+        where = "; decided in Envoy by the native module" if native(checks) else ""
+        if ext.engine == "auto" and not native(checks):
+            where = f"; engine auto: decided by the decision service: {checks.resolved.engine_reason}"
         return f"extAuth {ext.service}" + (f" ({len(ext.rules)} rules{where})" if ext.rules else "")
     return name
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -233,7 +235,66 @@ def _carried(match: rc.RouteMatch, carried: tuple[satisfy.Carried, ...]) -> None
             match.headers.append(rc.HeaderMatcher(name=w.name, present_match=True))
 
 
-def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route_pb2.RouteConfiguration:
+RouteKey = tuple[str, str]
+"""(virtual host, route IR name) within one listener."""
+
+
+@dataclass
+class RouteMemo:
+    """One fleet's route table entries of the last compile, reused by the next one.
+
+    A route's entries (its ``satisfy: any`` variants, matches, per-filter configs) are built from
+    the route IR and the listener's context alone: its gateway-level checks, path matching, Env
+    and HTTP filter chain (filter hooks' ``route_config`` read no other route). The next compile
+    reuses them where both are equal (dataclass equality: documents of unchanged files are the
+    same objects, so comparing is mostly identity checks). Only what the last compile used is
+    kept, so memory stays that of one revision."""
+
+    listeners: dict[str, tuple[tuple[Any, ...], dict[RouteKey, tuple[RouteIR, list[rc.Route]]]]] = field(
+        default_factory=dict)
+    reused: int = 0
+    built: int = 0
+
+
+def _route_entries(lst: ListenerIR, route: RouteIR, auth_filters: list[str]) -> list[rc.Route]:
+    out: list[rc.Route] = []
+    for r in satisfy.expand(lst, route):
+        v = satisfy.variant_of(r)
+        match = _match(r, lst.case_sensitive)
+        if v is not None:
+            _carried(match, v.carried)
+        if v is not None and v.challenges:
+            # satisfy: any, no credential: 401 with every scheme's challenge, nothing checked.
+            entry = rc.Route(name=r.name, match=match, direct_response=rc.DirectResponseAction(
+                status=401, body=base_pb2.DataSource(inline_string="authplane: credentials required\n")))
+            entry.response_headers_to_add.extend(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="www-authenticate", value=c),
+                append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD) for c in v.challenges)
+            for f in auth_filters:
+                entry.typed_per_filter_config[f].CopyFrom(disable())
+            out.append(entry)
+            continue
+        action = rc.RouteAction(cluster=r.cluster)
+        if r.timeout is not None:
+            action.timeout.CopyFrom(duration(r.timeout))
+        entry = rc.Route(name=r.name, match=match, route=action)
+        per: dict[str, any_pb2.Any] = {}
+        if r.public:
+            per = {f: disable() for f in auth_filters}
+            per.update(auth_method.public_config(lst))
+        else:
+            for filt in ORDER:
+                per.update(filt.route_config(lst, r))
+        for key in sorted(per):
+            entry.typed_per_filter_config[key].CopyFrom(per[key])
+        out.append(entry)
+    return out
+
+
+def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter], memo: RouteMemo | None = None,
+                        last: RouteMemo | None = None) -> route_pb2.RouteConfiguration:
+    """The listener's route table; with ``memo`` its route entries are recorded there, and those
+    of ``last`` (the previous compile's) reused where their inputs are equal (see ``RouteMemo``)."""
     auth_filters = [f.name for f in filters if f.name != router.FILTER.name()]
     vhost_cfg: dict[str, any_pb2.Any] = {}
     for filt in ORDER:
@@ -241,6 +302,13 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
     out = route_pb2.RouteConfiguration(name=lst.route_config_name)
     if lst.redirect_port is not None:
         return tls.redirect_routes(out, lst.redirect_port)
+    context = (lst.checks, lst.case_sensitive, lst.env, tuple(auth_filters))
+    before: dict[RouteKey, tuple[RouteIR, list[rc.Route]]] = {}
+    if last is not None and (found := last.listeners.get(lst.name)) is not None and found[0] == context:
+        before = found[1]
+    now: dict[RouteKey, tuple[RouteIR, list[rc.Route]]] = {}
+    if memo is not None:
+        memo.listeners[lst.name] = (context, now)
     for vh in lst.virtual_hosts:
         vhost = out.virtual_hosts.add(name=vh.name, domains=vh.domains)
         for key in sorted(vhost_cfg):
@@ -253,34 +321,20 @@ def route_configuration(lst: ListenerIR, filters: list[hcm.HttpFilter]) -> route
                     inline_string="authplane: ambiguous path (a ';' or a segment ending in '.')\n")))
             for f in auth_filters:
                 guard.typed_per_filter_config[f].CopyFrom(disable())
-        for r in (x for route in vh.routes for x in satisfy.expand(lst, route)):
-            v = satisfy.variant_of(r)
-            match = _match(r, lst.case_sensitive)
-            if v is not None:
-                _carried(match, v.carried)
-            if v is not None and v.challenges:
-                # satisfy: any, no credential: 401 with every scheme's challenge, nothing checked.
-                route = vhost.routes.add(name=r.name, match=match, direct_response=rc.DirectResponseAction(
-                    status=401, body=base_pb2.DataSource(inline_string="authplane: credentials required\n")))
-                route.response_headers_to_add.extend(base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="www-authenticate", value=c),
-                    append_action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD) for c in v.challenges)
-                for f in auth_filters:
-                    route.typed_per_filter_config[f].CopyFrom(disable())
-                continue
-            action = rc.RouteAction(cluster=r.cluster)
-            if r.timeout is not None:
-                action.timeout.CopyFrom(duration(r.timeout))
-            route = vhost.routes.add(name=r.name, match=match, route=action)
-            per: dict[str, any_pb2.Any] = {}
-            if r.public:
-                per = {f: disable() for f in auth_filters}
-                per.update(auth_method.public_config(lst))
+        for route in vh.routes:
+            rkey = (vh.name, route.name)
+            cached = before.get(rkey)
+            if cached is not None and cached[0] == route:
+                entries = cached[1]
+                if memo is not None:
+                    memo.reused += 1
             else:
-                for filt in ORDER:
-                    per.update(filt.route_config(lst, r))
-            for key in sorted(per):
-                route.typed_per_filter_config[key].CopyFrom(per[key])
+                entries = _route_entries(lst, route, auth_filters)
+                if memo is not None:
+                    memo.built += 1
+            if memo is not None:
+                now[rkey] = (route, entries)
+            vhost.routes.extend(entries)  # copies: the cached messages are never changed
     return out
 
 
@@ -327,7 +381,9 @@ class Resources:
         found.extend(dict.fromkeys(o for o in origins if o is not None and o not in found))
 
 
-def fleet_resources(fleet: FleetIR) -> Resources:
+def fleet_resources(fleet: FleetIR, memo: RouteMemo | None = None, last: RouteMemo | None = None) -> Resources:
+    """With ``memo``/``last``: route entries are recorded in ``memo`` and reused from ``last``
+    (``route_configuration``); the same bytes either way."""
     res = Resources()
     clusters: dict[str, ClusterIR] = dict(fleet.clusters)
     for lst in fleet.listeners:
@@ -336,7 +392,7 @@ def fleet_resources(fleet: FleetIR) -> Resources:
         res.add(LISTENER, lst.name, listener(lst, filters), *origins)
         route_origins = list(dict.fromkeys(
             origins + [r.origin for vh in lst.virtual_hosts for r in vh.routes]))
-        res.add(ROUTE, lst.route_config_name, route_configuration(lst, filters), *route_origins)
+        res.add(ROUTE, lst.route_config_name, route_configuration(lst, filters, memo, last), *route_origins)
         for filt in ORDER:
             needs = filt.resources(lst)
             for c in needs.clusters:

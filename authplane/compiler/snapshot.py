@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from authplane.compiler import translate
 from authplane.compiler.ir import CompileOptions, Origin
-from authplane.compiler.resources import TYPE_ORDER, fleet_resources
+from authplane.compiler.resources import TYPE_ORDER, RouteMemo, fleet_resources
 from authplane.policy.documents import PolicySet
 from authplane.policy.gcpause import paused_gc
 
@@ -46,6 +46,8 @@ class Compiled:
     opts: CompileOptions | None = None
     compiled: tuple[str, ...] = ()
     """The fleets compiled this time (the others were the previous snapshots)."""
+    memos: dict[str, RouteMemo] = field(default_factory=dict, repr=False, compare=False)
+    """Fleet → its route entries, for the next compile of the fleet to reuse those of unchanged routes."""
 
 
 @paused_gc()
@@ -58,19 +60,27 @@ def compile_changed(policies: PolicySet, opts: CompileOptions | None = None,
     if previous is not None and previous.opts == opts:
         reuse = {fleet: previous.snapshots[fleet] for fleet, key in inputs.items()
                  if fleet in previous.snapshots and previous.inputs.get(fleet) == key}
-    fresh = compile_policies(policies, opts, only=set(inputs) - set(reuse)) if len(reuse) < len(inputs) else {}
+    last = previous.memos if previous is not None and previous.opts == opts else {}
+    memos = {fleet: last[fleet] for fleet in reuse if fleet in last}
+    fresh = compile_policies(policies, opts, only=set(inputs) - set(reuse), memos=memos,
+                             last=last) if len(reuse) < len(inputs) else {}
     return Compiled({fleet: reuse[fleet] if fleet in reuse else fresh[fleet] for fleet in inputs}, inputs, opts,
-                    tuple(fresh))
+                    tuple(fresh), memos)
 
 
 @paused_gc()
 def compile_policies(policies: PolicySet, opts: CompileOptions | None = None,
-                     only: Collection[str] | None = None) -> dict[str, Snapshot]:
+                     only: Collection[str] | None = None, memos: dict[str, RouteMemo] | None = None,
+                     last: dict[str, RouteMemo] | None = None) -> dict[str, Snapshot]:
     """Policies → one snapshot per fleet (or per fleet in ``only``). Pure: the same policies give
-    the same bytes."""
+    the same bytes. With ``memos``, each fleet's route entries are recorded there (and reused from
+    ``last``, the previous compile's: ``resources.RouteMemo``), the same bytes either way."""
     out: dict[str, Snapshot] = {}
     for name, fleet in translate.build(policies, opts, only).items():
-        res = fleet_resources(fleet)
+        memo = None
+        if memos is not None:
+            memos[name] = memo = RouteMemo()
+        res = fleet_resources(fleet, memo, (last or {}).get(name))
         versions: dict[str, dict[str, str]] = {}
         whole = hashlib.sha256()
         for type_url in TYPE_ORDER:

@@ -197,8 +197,21 @@ def enforced(rc: RouteChecks, details: str, meta: Any = None) -> Decision | None
         if prefix in details:
             at = _with(levels, has)
             if at is not None:
-                return Decision(at, check, None, "deny")
+                return _ext_denial(levels, at, meta) if check == "extAuth" else Decision(at, check, None, "deny")
     return None
+
+
+def _ext_denial(levels: list[Checks], at: Checks, meta: Any) -> Decision:
+    """An extAuth denial: the level and rule a builtin service's report names
+    (``contract.DENIED``), else the level that has extAuth, rule unknown."""
+    ext = _fields(meta, contract.EXT_AUTHZ_FILTER)
+    if _string(ext, contract.SHADOW_VERDICT_KEY) == contract.DENIED:
+        policy = _string(ext, contract.SHADOW_POLICY_KEY)
+        at = next((c for c in reversed(levels) if c.policy == policy and c.spec.ext_auth), at)
+        rule = _string(ext, contract.SHADOW_RULE_KEY)
+        ext_rules = {r.name for r in (at.spec.ext_auth and at.spec.ext_auth.rules) or ()}
+        return Decision(at, "extAuth", rule if rule in ext_rules else None, "deny")
+    return Decision(at, "extAuth", None, "deny")
 
 
 def _fields(meta: Any, namespace: str) -> Any:

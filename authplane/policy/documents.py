@@ -81,6 +81,11 @@ class Resolved:
     """``extAuth.apiKeys``: the key file's text (the decision service hashes the keys)."""
     oidc: ResolvedOidc | None = field(default=None, repr=False)
     """``oidc``: endpoints (discovery) and secrets."""
+    native_rules: bool = False
+    """``extAuth.engine: auto``: the native module is here and can decide these rules, so Envoy
+    decides them (looked up by the resolve stage: the compiler never looks on disk)."""
+    engine_reason: str = ""
+    """``extAuth.engine: auto`` decided by the decision service: why not natively."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ class PolicySet:
     backend_tls: dict[str, TlsMaterial] = field(default_factory=dict, repr=False)
     """Backend name → its ``tls`` files (CA, client certificate)."""
     warnings: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)
+    """Information for ``validate`` (never failing ``--strict``): which engine ``auto`` chose."""
     broken: set[tuple[str, str]] = field(default_factory=set)
     """(kind, name) of documents that failed to load: references to them are not reported again."""
     texts: dict[str, str] = field(default_factory=dict, repr=False)

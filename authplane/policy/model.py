@@ -764,11 +764,13 @@ class ExtAuth(Model):
     name); copies sent by the client are always removed."""
     cache: DecisionCache = DecisionCache()
     """``service: builtin`` only: decision cache lifetimes."""
-    engine: Literal["service", "native"] = "service"
+    engine: Literal["service", "native", "auto"] = "service"
     """``service: builtin`` only: where the rules are decided. ``service``: authplane's decision
     service (ext_authz). ``native``: inside Envoy, by authplane's dynamic module
     (``libauthplane_rules.so``), with the rules delivered as its route configuration; for rules
-    without regexes, API keys, ``sign_in`` or shadow mode (see docs/dynamic-modules.md)."""
+    without regexes, API keys, CEL, ``signIn`` or shadow mode (see docs/dynamic-modules.md).
+    ``auto``: ``native`` when the module is installed and can decide the rules, else the decision
+    service; ``validate`` says which, and ``validate --report`` why."""
 
     @model_validator(mode="before")
     @classmethod

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from authplane.policy.documents import dotted
 from authplane.policy.model import ExtAuth, ExtAuthConditions, ModuleFilter
 from authplane.policy.types import StringMatch
 
@@ -143,3 +144,14 @@ def native_obstacles(ext: ExtAuth, shadow: bool) -> list[tuple[tuple[str | int, 
         if rule.mode == "shadow":
             out.append(((*at, "mode"), "shadow rules"))
     return out
+
+
+def auto_engine(ext: ExtAuth, shadow: bool, unavailable: Callable[[], str | None]) -> str:
+    """``extAuth.engine: auto``: "" when the native module decides these builtin rules, else why
+    the decision service does (``unavailable``: ``native_unavailable``, called only when the
+    rules allow native)."""
+    obstacles = native_obstacles(ext, shadow)
+    if obstacles:
+        return "the module cannot decide " + "; ".join(
+            f"{what} ({dotted(('spec', 'extAuth', *p) if p else ('spec', 'mode'))})" for p, what in obstacles)
+    return unavailable() or ""

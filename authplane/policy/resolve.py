@@ -8,11 +8,13 @@ decision service work from ``PolicySet.resolved``. Every file read also lands in
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
 
 from authplane.errors import Problem
+from authplane.policy import modules
 from authplane.policy.certificates import CertificateError, ca_bundle, key_pair
 from authplane.policy.credentials import (
     Entry,
@@ -44,6 +46,7 @@ def resolve(p: PolicySet) -> list[Problem]:
     """Fill ``p.resolved`` for every AuthPolicy; the problems found in what was read."""
     out: list[Problem] = []
     jwks_files: dict[str, tuple[str, str | None]] = {}
+    unavailable = functools.cache(modules.native_unavailable)  # a file lookup and read: once
     for pol in p.auth_policies.values():
         spec = pol.resource.spec
         p.resolved[pol.name] = Resolved(
@@ -53,12 +56,28 @@ def resolve(p: PolicySet) -> list[Problem]:
             keys=_api_key(p, pol, out) if spec.api_key else (),
             ext_keys=_ext_keys(p, pol, out) if spec.ext_auth and spec.ext_auth.api_keys else None,
             oidc=_oidc(p, pol, out) if spec.oidc else None,
+            **_engine(p, pol, unavailable),
         )
     for gw in p.gateways.values():
         _listener_tls(p, gw, out)
     for backend in p.backends.values():
         _backend_tls(p, backend, out)
     return out
+
+
+def _engine(p: PolicySet, pol: Located[AuthPolicy], unavailable: Callable[[], str | None]) -> dict[str, Any]:
+    """``extAuth.engine: auto``: native or the decision service, decided here (the module is
+    looked for on disk) so that the compiler only reads ``Resolved``; a note says which."""
+    ext = pol.resource.spec.ext_auth
+    if ext is None or ext.engine != "auto" or ext.service != "builtin":
+        return {}
+    why = modules.auto_engine(ext, pol.resource.spec.mode == "shadow", unavailable)
+    where = ("spec", "extAuth", "engine")
+    if not why:
+        p.notes.append(pol.source.problem(where, "engine: auto: decided in Envoy by the native module"))
+        return {"native_rules": True}
+    p.notes.append(pol.source.problem(where, f"engine: auto: decided by the decision service: {why}"))
+    return {"engine_reason": why}
 
 
 def _read(p: PolicySet, pol: Located[Any], rel: str, where: tuple[Any, ...], what: str,

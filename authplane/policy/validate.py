@@ -322,6 +322,8 @@ def _ext_auth(p: PolicySet, pol: Located[AuthPolicy], out: list[Problem]) -> Non
     where = ("spec", "extAuth")
     if ext.engine == "native":
         _native(pol, out)
+    elif ext.engine == "auto" and ext.service != "builtin":
+        out.append(pol.source.problem((*where, "engine"), "engine: auto runs builtin rules (service: builtin)"))
     if ext.service == "builtin":
         for name in ("path_prefix", "headers_to_upstream"):
             if getattr(ext, name):

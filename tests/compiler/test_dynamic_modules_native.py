@@ -472,3 +472,156 @@ def test_the_defaults_compile_to_the_same_bytes(tmp_path):
     Path(tmp_path / "plain" / "policies.yaml").write_text(plain_text.replace("    engine: service\n", ""))
     assert compile_policies(load_dir(str(tmp_path / "plain")))["edge"].version == \
         compile_policies(spelled)["edge"].version == compile_policies(plain)["edge"].version
+
+
+def _auto_policies(root: Path, echo_port: int) -> str:
+    """``engine: auto`` on three rules of one route: plain rules (native), an API key and a header
+    regex (both decided by the decision service)."""
+    from tests.support.policies import backend, documents, gateway
+
+    return write_policies(str(root), {
+        "keys.txt": "acme: k-acme\n",
+        "base.yaml": documents(gateway("edge", 8080), backend("echo", echo_port), """
+            kind: Route
+            metadata: {name: app}
+            spec:
+              gateway: edge
+              rules:
+                - {name: plain, match: {pathPrefix: /plain}, backend: echo}
+                - {name: keyed, match: {pathPrefix: /keyed}, backend: echo}
+                - {name: regex, match: {pathPrefix: /regex}, backend: echo}
+            """),
+        "auto.yaml": """
+            kind: AuthPolicy
+            metadata: {name: plain}
+            spec:
+              targetRef: {kind: Route, name: app, rule: plain}
+              extAuth:
+                service: builtin
+                engine: auto
+                rules: [{name: get, action: allow, when: {methods: [GET]}, upstreamHeaders: {x-decided: module}}]
+            ---
+            kind: AuthPolicy
+            metadata: {name: keyed}
+            spec:
+              targetRef: {kind: Route, name: app, rule: keyed}
+              extAuth:
+                service: builtin
+                engine: auto
+                apiKeys: {file: keys.txt}
+                rules: [{name: partners, action: allow, when: {apiKeys: [acme]}}]
+            ---
+            kind: AuthPolicy
+            metadata: {name: regex}
+            spec:
+              targetRef: {kind: Route, name: app, rule: regex}
+              extAuth:
+                service: builtin
+                engine: auto
+                rules:
+                  - {name: ops, action: allow, when: {headers: {x-team: [{regex: "ops-[0-9]+"}]}},
+                     upstreamHeaders: {x-ops: "1"}}
+            """,
+    })
+
+
+def test_auto_decides_expressible_rules_in_the_module_and_the_rest_in_the_service(tmp_path, modules):
+    """One real Envoy whose decision service address is a closed port: the plain rules are decided
+    by the module (200 with its upstream header, and a 403 on POST from the module itself), the
+    API key and regex policies go to the decision service (unreachable: ``statusOnError`` 503)."""
+    from authplane.compiler.ir import CompileOptions
+    from tests.support.ports import free_port
+
+    echo = EchoServer().start()
+    closed = f"127.0.0.1:{free_port()}"
+    d = _auto_policies(tmp_path / "policies", echo.port)
+    with search_path(modules):
+        proc = start_static_envoy(d, "edge", str(tmp_path), CompileOptions(authz_grpc=closed, authz_http=closed))
+    try:
+        port = proc.listener_port("edge/http")
+        r = request(port, "/plain")
+        assert r.status == 200, r.body
+        assert json.loads(r.body)["headers"]["x-decided"] == "module"
+        r = request(port, "/plain", method="POST")
+        assert (r.status, r.body) == (403, "authplane: no rule of policy 'plain' matched\n")
+        assert request(port, "/keyed", headers={"x-api-key": "k-acme"}).status == 503
+        assert request(port, "/regex", headers={"x-team": "ops-1"}).status == 503
+    finally:
+        proc.stop()
+        echo.stop()
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "authplane.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+def test_validate_and_report_say_which_engine_auto_chose_and_why(tmp_path, modules):
+    d = _auto_policies(tmp_path / "policies", 1)
+    r = _cli(["validate", d, "--report", "--strict"], {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(modules)})
+    assert r.returncode == 0, r.stderr  # notes, not warnings: --strict passes
+    path = Path(d, "auto.yaml")
+    lines = r.stderr.splitlines()
+    assert f"info: {path}:8:13: spec.extAuth.engine: engine: auto: decided in Envoy by the native module" in lines
+    assert (f"info: {path}:19:13: spec.extAuth.engine: engine: auto: decided by the decision service: the module "
+            "cannot decide API keys (hashed keys are checked by the decision service) (spec.extAuth.apiKeys); "
+            "apiKeys conditions (keys are checked by the decision service) (spec.extAuth.rules[0].when.apiKeys)"
+            ) in lines, lines
+    assert (f"info: {path}:31:13: spec.extAuth.engine: engine: auto: decided by the decision service: the module "
+            "cannot decide regex values (the module has no RE2) (spec.extAuth.rules[0].when)") in lines, lines
+    assert "extAuth builtin (1 rules; decided in Envoy by the native module)" in r.stdout
+    assert ("extAuth builtin (1 rules; engine auto: decided by the decision service: the module cannot decide "
+            "regex values (the module has no RE2) (spec.extAuth.rules[0].when))") in r.stdout
+
+
+def test_auto_without_the_module_uses_the_decision_service_and_says_so(tmp_path):
+    """No module anywhere: ``auto`` is no error (``native`` would be); the plain rules compile to
+    ext_authz, as ``engine: service`` does."""
+    from authplane.compiler.filters.ext_authz import rules_digest
+    from authplane.compiler.render import dump, snapshot_dict
+    from authplane.compiler.snapshot import compile_policies
+
+    empty = tmp_path / "none"
+    empty.mkdir()
+    env = {"AUTHPLANE_NATIVE_DIR": str(empty), "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(empty)}
+    d = _auto_policies(tmp_path / "policies", 1)
+    r = _cli(["validate", d, "--report"], env)
+    assert r.returncode == 0, r.stderr
+    assert (f"info: {Path(d, 'auto.yaml')}:8:13: spec.extAuth.engine: engine: auto: decided by the decision "
+            "service: the native rules module is unavailable (module 'authplane_rules' not found") in r.stderr
+    assert "decided in Envoy" not in r.stdout
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        auto_set = load_dir(d)
+        Path(d, "auto.yaml").write_text(Path(d, "auto.yaml").read_text().replace("engine: auto", "engine: service"))
+        service_set = load_dir(d)
+    auto, service = (dump({k: v for k, v in snapshot_dict(compile_policies(p)["edge"]).items() if k != "version"})
+                     for p in (auto_set, service_set))
+    for name in ("plain", "keyed", "regex"):  # the rules digest Envoy sends along covers the engine field
+        auto = auto.replace(*(rules_digest(p.auth_policies[name].resource.spec, p.resolved[name].ext_keys)
+                              for p in (auto_set, service_set)))
+    assert auto == service
+    assert "dynamic_modules" not in auto
+
+
+def test_auto_on_your_own_service_is_refused(tmp_path):
+    from authplane.errors import PolicyError
+
+    d = write_policies(str(tmp_path), {"p.yaml": """
+        kind: Backend
+        metadata: {name: mine}
+        spec: {endpoints: ["127.0.0.1:9"], protocol: http2}
+        ---
+        kind: AuthPolicy
+        metadata: {name: p}
+        spec:
+          targetRef: {kind: Gateway, name: edge}
+          extAuth: {service: mine, engine: auto}
+        """})
+    with pytest.raises(PolicyError) as e:
+        load_dir(d)
+    assert f"{Path(d, 'p.yaml')}:12:36: spec.extAuth.engine: engine: auto runs builtin rules (service: builtin)" \
+        in str(e.value).splitlines(), str(e.value)

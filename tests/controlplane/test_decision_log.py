@@ -357,7 +357,7 @@ def test_a_shadow_builtin_rule_is_logged_counted_and_in_status_by_name(tmp_path,
     assert got == [
         (200, "ext", "extAuth", "no-writes", "would-deny", shadow_rule),
         (200, "ext", None, None, "allow", None),
-        (403, "ext", "extAuth", None, "deny", None),  # the enforced rule; the shadow one adds nothing
+        (403, "ext", "extAuth", "no-blue", "deny", None),  # the enforced rule; the shadow one adds nothing
     ]
     assert _decisions(serve)[("ext", "no-writes", "would-deny")] == 1
     status = serve.status()["shadow"]

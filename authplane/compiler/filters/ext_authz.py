@@ -50,6 +50,7 @@ from authplane.compiler.protos import duration
 from authplane.compiler.tls import FLEET_CERT_SECRET
 from authplane.contract import (
     BUILTIN_HTTP_PREFIX,
+    BUILTIN_HTTP_REPORT_PREFIX,
     CLIENT_IP_HEADER,
     EXT_AUTHZ_FILTER,
     JWT_FILTER,
@@ -116,8 +117,9 @@ def rules_digest(spec: AuthPolicySpec, ext_keys: str | None) -> str:
     return digest.hexdigest()[:12]
 
 
-def _service(checks: Checks, route: bool) -> grpc_service_pb2.GrpcService | ea.HttpService:
-    """The service as the filter instance (``route`` False) or one route's override sees it."""
+def _service(checks: Checks, route: bool, log: bool = False) -> grpc_service_pb2.GrpcService | ea.HttpService:
+    """The service as the filter instance (``route`` False) or one route's override sees it;
+    ``log``: the decision log is on (HTTP mode: a denial names its rule, ``contract.DENIED``)."""
     s = _spec(checks)
     cluster = _cluster_name(s)
     if s.protocol == "grpc":
@@ -131,23 +133,30 @@ def _service(checks: Checks, route: bool) -> grpc_service_pb2.GrpcService | ea.H
     if s.service == "builtin":
         # The instance is shared by several policies: without a route's override it names no
         # policy, and the decision service denies.
-        http.path_prefix = f"{BUILTIN_HTTP_PREFIX}{checks.policy}" if route else BUILTIN_HTTP_PREFIX
+        prefix = BUILTIN_HTTP_REPORT_PREFIX if log else BUILTIN_HTTP_PREFIX
+        http.path_prefix = f"{prefix}{checks.policy}" if route else BUILTIN_HTTP_PREFIX
         http.authorization_request.headers_to_add.extend(_BUILTIN_CHECK_HEADERS)
         if route:
             _exact(http.authorization_response, "allowed_upstream_headers", s.upstream_headers())
             _exact(http.authorization_response, "allowed_client_headers_on_success",
                    s.response_headers())
-            if _reports(checks):
-                # The shadow report (response headers) becomes metadata and never goes upstream.
+            if _reports(checks) or log:
+                # The shadow or denial report (response headers) becomes metadata.
                 _exact(http.authorization_response, "dynamic_metadata_from_headers", list(_REPORT))
-                if not s.upstream_headers():
-                    _exact(http.authorization_response, "allowed_upstream_headers", [_NO_HEADER])
+            if _reports(checks) and not s.upstream_headers():  # and never goes upstream
+                _exact(http.authorization_response, "allowed_upstream_headers", [_NO_HEADER])
+            if log:  # nor to the client: the report's names have a dot, a denial's headers none
+                denial = http.authorization_response.allowed_client_headers.patterns
+                denial.add().safe_regex.regex = _NO_DOT
+                _exact(http.authorization_response, "allowed_client_headers",
+                       sorted({h for r in s.rules or () for h in r.deny.headers if "." in h}))
     else:
         _exact(http.authorization_response, "allowed_upstream_headers", s.headers_to_upstream)
     return http
 
 
 _REPORT = (SHADOW_VERDICT_KEY, SHADOW_POLICY_KEY, SHADOW_RULE_KEY)
+_NO_DOT = "[^.]*"
 _NO_HEADER = "x-authplane-no-header"
 """Matches no header the decision service sets: Envoy sends every response header upstream when
 ``allowed_upstream_headers`` is unset."""
@@ -248,13 +257,13 @@ def _filter(checks: Checks) -> ea.ExtAuthz:
     return cfg
 
 
-def _per_route(checks: Checks) -> any_pb2.Any:
+def _per_route(checks: Checks, log: bool) -> any_pb2.Any:
     s = _spec(checks)
     settings = ea.CheckSettings(context_extensions={
         POLICY_KEY: checks.policy, LEVEL_KEY: checks.level, TARGET_KEY: checks.target})
     if s.service == "builtin":
         settings.context_extensions[RULES_KEY] = rules_digest(checks.spec, checks.resolved.ext_keys)
-    _set_service(settings, _service(checks, route=True))
+    _set_service(settings, _service(checks, route=True, log=log))
     return enable(ea.ExtAuthzPerRoute(check_settings=settings))
 
 
@@ -287,11 +296,12 @@ class ExtAuthz(Filter):
     def level_config(self, lst: ListenerIR, checks: Checks) -> PerFilterConfig:
         if not checks.spec.ext_auth or native(checks):  # engine: native: compiled by dynamic_module
             return {}
+        log = bool(lst.env.opts.decision_log_cluster)
         if not _reports(checks):
-            return {self._instance(checks): _per_route(checks)}
+            return {self._instance(checks): _per_route(checks, log)}
         if _byo(checks):
             return {**_byo_shadow(checks), **_recorded(checks)}
-        return {self._instance(checks): _per_route(checks), **_recorded(checks)}
+        return {self._instance(checks): _per_route(checks, log), **_recorded(checks)}
 
     def resources(self, lst: ListenerIR) -> Needs:
         """The decision services: authplane's own (builtin) or the Backend a policy names."""

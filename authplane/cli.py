@@ -151,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail("authplane serve: --authz-tls-cert and --authz-tls-key go together (and --authz-client-ca "
                      "needs them)", 2)
     if _decision_log_filter(args) and not args.decision_log:
-        return _fail("authplane serve: --decision-log-verdicts and --decision-log-sample need --decision-log", 2)
+        return _fail("authplane serve: --decision-log-verdicts, --decision-log-sample and --decision-log-transport "
+                     "need --decision-log", 2)
     cp = ControlPlane(ServeConfig(args.dir, _options(args), args.xds, args.admin, args.address_file,
                                   decision_log=args.decision_log, decision_log_queue=args.decision_log_queue))
     cp.store.max_file_size = args.max_file_size
@@ -196,7 +197,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
                          "(the name every replica's certificate carries)", 2)
         tls = XdsClientTls(args.xds_ca, args.xds_server_name or hosts.pop(), args.xds_client_cert,
                            args.xds_client_key)
-    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, xds, args.admin_port, not args.sotw, tls))
+    sys.stdout.write(bootstrap_yaml(args.node_id, args.fleet, xds, args.admin_port, not args.sotw, tls,
+                                    args.native_decision_log))
     return 0
 
 
@@ -289,6 +291,10 @@ def _decision_log_filter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision-log-sample", type=_fraction, metavar="FRACTION",
                    help="report this fraction of the allow entries (by request id; denials and would-denials "
                    "are all reported; default 1)")
+    p.add_argument("--decision-log-transport", choices=("grpc", "native"),
+                   help="grpc (default): Envoy's gRPC access log; native: authplane's Envoy module gathers a few "
+                   "fields per request and sends them in batches (Envoys need the module and a bootstrap from "
+                   "authplane bootstrap --native-decision-log): a fraction of the CPU per request")
 
 
 def _decision_log_filter(args: argparse.Namespace) -> dict[str, object]:
@@ -298,6 +304,8 @@ def _decision_log_filter(args: argparse.Namespace) -> dict[str, object]:
         out["decision_log_verdicts"] = args.decision_log_verdicts
     if getattr(args, "decision_log_sample", None) is not None:
         out["decision_log_sample"] = args.decision_log_sample
+    if getattr(args, "decision_log_transport", None) == "native":
+        out["decision_log_native"] = True
     return out
 
 
@@ -407,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decision-log", metavar="PATH", help="Envoys report each decided request over the xDS "
                    "connection; write them here as JSON lines ('-': stdout; SIGHUP reopens PATH, for rotation) "
                    "and count them on /metrics and /status")
-    p.add_argument("--decision-log-queue", type=_count, default=10_000, metavar="N",
+    p.add_argument("--decision-log-queue", type=_count, default=50_000, metavar="N",
                    help="entries that may wait for a slow decision-log writer; more are dropped and counted "
                    "(authplane_decision_log_entries_total{result=\"dropped\"}, default %(default)s)")
     _decision_log_filter_flags(p)
@@ -435,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SNI and the name authplane's certificate must carry (default: the --xds host)")
     p.add_argument("--xds-client-cert", metavar="PEM", help="this Envoy's fleet certificate (mutual TLS)")
     p.add_argument("--xds-client-key", metavar="PEM", help="the private key of --xds-client-cert")
+    p.add_argument("--native-decision-log", action="store_true",
+                   help="load authplane's Envoy module to send the decision log in batches (for serve "
+                   "--decision-log-transport native; the module must be on ENVOY_DYNAMIC_MODULES_SEARCH_PATH)")
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser("status", help="which Envoy runs which version, and what it rejected")

@@ -36,6 +36,12 @@ BUILTIN_HTTP_REPORT_PREFIX = "/envoy-report/"
 headers (``DENIED`` below), which that route's config turns into metadata and keeps from the
 client. A path prefix, not a request header, so a client can never ask for them."""
 
+NATIVE_DECISION_LOG_PATH = "/authplane.decisions.v1.DecisionLog/Report"
+"""The gRPC method (on authplane's xDS port) where authplane's Envoy module sends its decision
+log batches (``serve --decision-log-transport native``): the request is the raw batch
+(``controlplane/decisions.py``: ``v1 US node US fleet US dropped``, then RS-separated records),
+the answer empty."""
+
 # --- shadow mode (issue 12): where each check's would-deny is found in Envoy's state ----------
 #
 # Every check of a ``mode: shadow`` policy (or a ``mode: shadow`` authorization or builtin extAuth
@@ -61,15 +67,22 @@ RBAC_SHADOW_RULE = "shadow_effective_policy_id"
 RBAC_DENIED = "denied"
 RBAC_ALLOWED = "allowed"
 
-SHADOW_PREFIX = "authplane.shadow."
+SHADOW_PREFIX = "authplane/shadow/"
 SHADOW_CHECKS = ("authorization", "jwt", "basicAuth", "apiKey", "extAuth")
 """``check`` in ``shadow_prefix``: the AuthPolicy section names."""
 
 
+def key_name(policy: str) -> str:
+    """A policy name as these keys spell it: no dot (a name may have some, ``~`` for each), since
+    Envoy's module interface reads a metadata key as a dotted path (and no colon: the access-log
+    ``%DYNAMIC_METADATA(namespace:key)%`` splits there)."""
+    return policy.replace(".", "~")
+
+
 def shadow_prefix(check: str, level: str, policy: str) -> str:
-    """The key prefix of one check's shadow result: ``authplane.shadow.<check>.<level>.<policy>.``
-    (``level`` gateway or route; the policy name comes last, it may contain dots)."""
-    return f"{SHADOW_PREFIX}{check}.{level}.{policy}."
+    """The key prefix of one check's shadow result: ``authplane/shadow/<check>/<level>/<policy>/``
+    (``level`` gateway or route; the policy as ``key_name``)."""
+    return f"{SHADOW_PREFIX}{check}/{level}/{key_name(policy)}/"
 
 
 # Attribution of enforced RBAC denials (the decision log): Envoy writes, under each instance's
@@ -81,16 +94,16 @@ def shadow_prefix(check: str, level: str, policy: str) -> str:
 # request (``<name>#<n>`` never: the deny rules are not expanded there).
 RBAC_ENFORCED_RESULT = "enforced_engine_result"
 RBAC_ENFORCED_RULE = "enforced_effective_policy_id"
-DENY_PREFIX = "authplane.deny."
+DENY_PREFIX = "authplane/deny/"
 
 
 def enforced_prefix(policy: str) -> str:
-    return f"{policy}."
+    return f"{key_name(policy)}/"
 
 
 def deny_prefix(level: str, policy: str) -> str:
-    """``authplane.deny.<level>.<policy>.``: where a ``default: deny`` level's deny rule is named."""
-    return f"{DENY_PREFIX}{level}.{policy}."
+    """``authplane/deny/<level>/<policy>/``: where a ``default: deny`` level's deny rule is named."""
+    return f"{DENY_PREFIX}{level}/{key_name(policy)}/"
 
 
 JWT_FAILURE_KEY = "jwt_failure"
@@ -98,23 +111,25 @@ JWT_FAILURE_KEY = "jwt_failure"
 and failed verification (``failed_status_in_metadata``); absent when no token was presented."""
 
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
-SHADOW_VERDICT_KEY = "authplane.verdict"
-SHADOW_POLICY_KEY = "authplane.policy"
-SHADOW_RULE_KEY = "authplane.rule"
+SHADOW_VERDICT_KEY = "authplane_verdict"
+SHADOW_POLICY_KEY = "authplane_policy"
+SHADOW_RULE_KEY = "authplane_rule"
 WOULD_DENY = "would-deny"
 """Shadow builtin ext_authz detail: the decision service answers allow and puts, in its
 OkHttpResponse / CheckResponse ``dynamic_metadata`` (namespace ``EXT_AUTHZ_FILTER``),
-``{authplane.verdict: would-deny, authplane.policy: <policy>, authplane.rule: <rule or ''>}``
+``{authplane_verdict: would-deny, authplane_policy: <policy>, authplane_rule: <rule or ''>}``
 when it would have denied; nothing when it allows. A ``mode: shadow`` rule of an enforcing policy
 reports the same on an allow of the enforced rules (``rule``: the shadow deny rule). HTTP mode
 sends them as response headers that Envoy copies there (``dynamic_metadata_from_headers``); a
 shadow HTTP Backend's Lua call writes the same keys (``rule`` empty) when the service answers
 anything but 200."""
 DENIED = "deny"
-"""An enforced denial by a builtin rule: ``{authplane.verdict: deny, authplane.policy, authplane.rule}``
+"""An enforced denial by a builtin rule: ``{authplane_verdict: deny, authplane_policy, authplane_rule}``
 in the same namespace, so the decision log names the rule (Envoy's response code details say only
 ``ext_authz_denied``). gRPC mode: the denied CheckResponse's ``dynamic_metadata`` (Envoy 1.40
 keeps it on a denial); HTTP mode: response headers of the denial, only on
 ``BUILTIN_HTTP_REPORT_PREFIX`` paths, that the route copies to metadata
 (``dynamic_metadata_from_headers``) and leaves out of the client's answer
-(``allowed_client_headers``: names without a dot)."""
+(``allowed_client_headers``: names without an underscore, which a client cannot send either:
+the connection manager refuses them). No key has a dot: a module's access logger reads a
+metadata key as a dotted path."""

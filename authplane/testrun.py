@@ -54,6 +54,7 @@ from authplane.compiler.protos import pack
 from authplane.compiler.render import dump, static_bootstrap, to_dict
 from authplane.compiler.resources import GUARD_ROUTE
 from authplane.compiler.snapshot import compile_policies
+from authplane.contract import RBAC_DENIED, RBAC_ENFORCED_RESULT, RBAC_ENFORCED_RULE, enforced_prefix
 from authplane.devtools.echo import EchoServer
 from authplane.envoy_bin import EnvoyProcess, Running
 from authplane.policy.documents import Located, PolicySet
@@ -581,9 +582,10 @@ class Harness(Running):
         """Which of the steps of the denying filter denied, and the position of what denied."""
         first, details = candidates[0], str(entry.get("details") or "")
         if first.filter == "envoy.filters.http.rbac":
-            # each RBAC instance records <policy>.enforced_engine_result (rules_stat_prefix)
+            # each RBAC instance records its enforced result under contract.enforced_prefix (rules_stat_prefix)
             result = entry.get("rbac") or {}
-            s = next((c for c in candidates if result.get(f"{c.policy}.enforced_engine_result") == "denied"), first)
+            s = next((c for c in candidates if result.get(
+                enforced_prefix(c.policy) + RBAC_ENFORCED_RESULT) == RBAC_DENIED), first)
             authz = self.policies.auth_policies[s.policy].resource.spec.authorization
             matched = details.partition("[")[2].rstrip("]").split("#")[0]
             for i, rule in enumerate(authz.rules if authz else []):
@@ -614,7 +616,7 @@ class Harness(Running):
         """``file:line`` of the authorization rule that allowed (Envoy's effective policy id)."""
         if step.filter != "envoy.filters.http.rbac":
             return None
-        matched = str((entry.get("rbac") or {}).get(f"{step.policy}.enforced_effective_policy_id") or "")
+        matched = str((entry.get("rbac") or {}).get(enforced_prefix(step.policy) + RBAC_ENFORCED_RULE) or "")
         authz = self.policies.auth_policies[step.policy].resource.spec.authorization
         for i, rule in enumerate(authz.rules if authz else []):
             if rule.action == "allow" and rule.name == matched.split("#")[0]:

@@ -44,6 +44,18 @@ def sample_authz_http() -> Iterator[SampleAuthzHttp]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def native_module(tmp_path_factory) -> str:
+    """The directory of ``libauthplane_rules.so`` built for this session (``native/build.py``)."""
+    from tests.support.native import build_module
+
+    build = build_module()
+    try:
+        return str(build.build_rules(tmp_path_factory.mktemp("native-module")).parent)
+    except build.Unavailable as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture
 def processes() -> Iterator[tuple[list, list]]:
     """(Envoys, serve processes) a test starts, stopped at the end whatever happens."""

@@ -189,6 +189,10 @@ class CompileOptions:
     access-log filter, ``resources.decision_log``), so the others never leave Envoy."""
     decision_log_sample: float = 1.0
     """``serve --decision-log-sample``: the fraction of ``allow`` entries Envoy reports."""
+    decision_log_native: bool = False
+    """``serve --decision-log-transport native``: authplane's module reports the entries (its
+    access logger, and its bootstrap extension of ``authplane bootstrap --native-decision-log``
+    sending them in batches over the xDS cluster) instead of Envoy's gRPC access log."""
 
 
 @dataclass(frozen=True)

@@ -22,23 +22,32 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as upstream_http
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from authplane.compiler import satisfy, tls
 from authplane.compiler.filters import ORDER, auth_method, router
 from authplane.compiler.filters.base import disable
 from authplane.compiler.ir import ClusterIR, FleetIR, ListenerIR, Origin, RouteIR
+from authplane.compiler.module_protos import DynamicModuleAccessLog
 from authplane.compiler.protos import ads_source, duration, pack, socket_address
 from authplane.contract import (
     IDENTITY_HEADERS,
     MODE_SHADOW,
     RBAC_DENIED,
+    RBAC_ENFORCED_RESULT,
     RBAC_FILTER,
     RBAC_SHADOW_RESULT,
+    RBAC_SHADOW_RULE,
+    SHADOW_POLICY_KEY,
+    SHADOW_RULE_KEY,
+    SHADOW_VERDICT_KEY,
+    deny_prefix,
+    enforced_prefix,
     shadow_prefix,
 )
 from authplane.policy.model import AuthPolicySpec
+from authplane.policy.modules import NATIVE_RULES
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -137,6 +146,33 @@ def verdict_filter(verdicts: tuple[str, ...], sample: float, shadow_keys: list[s
     return accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=filters))
 
 
+NATIVE_LOGGER = "decision_log"
+"""The access logger and bootstrap extension of authplane's module (``native/authplane_rules``)
+that report decisions in compact batches (``serve --decision-log-transport native``)."""
+
+
+def native_logger_config(lst: ListenerIR) -> str:
+    """What the module's logger reads of each request besides route, status, details, request id,
+    start time, JWT ``sub`` and certificate SAN: the RBAC and ext_authz metadata keys the decision
+    log classifies with (``controlplane/decisions.py``) and the identity headers (no credential)."""
+    rbac: set[str] = set()
+    for c in lst.all_checks():
+        authz = c.spec.authorization
+        if authz is None:
+            continue
+        if c.spec.mode != MODE_SHADOW:  # what filters/rbac.py writes, and only that: each is a lookup
+            rbac.add(enforced_prefix(c.policy) + RBAC_ENFORCED_RESULT)
+        if authz.default == "deny" and any(r.action == "deny" for r in authz.rules) and not (
+                c.spec.mode == MODE_SHADOW or any(r.mode == MODE_SHADOW for r in authz.rules)):
+            rbac.update(deny_prefix(c.level, c.policy) + k for k in (RBAC_SHADOW_RESULT, RBAC_SHADOW_RULE))
+    for key in shadow_result_keys(lst):
+        rbac.update((key, key[:-len(RBAC_SHADOW_RESULT)] + RBAC_SHADOW_RULE))
+    ext = [SHADOW_VERDICT_KEY, SHADOW_POLICY_KEY, SHADOW_RULE_KEY] if any(
+        c.spec.ext_auth is not None for c in lst.all_checks()) else []
+    headers = sorted({h for c in lst.all_checks() for h in identity_headers(c.spec)})
+    return json.dumps({"rbac": sorted(rbac), "ext_authz": ext, "headers": headers}, separators=(",", ":"))
+
+
 def decision_log(lst: ListenerIR, cluster: str) -> accesslog_pb2.AccessLog:
     """Envoy's gRPC access log to authplane: route, response code details and dynamic metadata
     (the JWT payload, shadow results) come with every entry; of the request headers only the
@@ -151,6 +187,12 @@ def decision_log(lst: ListenerIR, cluster: str) -> accesslog_pb2.AccessLog:
         additional_request_headers_to_log=sorted({h for c in lst.all_checks() for h in identity_headers(c.spec)}))
     opts = lst.env.opts
     found = verdict_filter(opts.decision_log_verdicts, opts.decision_log_sample, shadow_result_keys(lst))
+    if opts.decision_log_native:  # the module's logger: a few fields, shipped by its bootstrap extension
+        native = DynamicModuleAccessLog(logger_name=NATIVE_LOGGER)
+        native.dynamic_module_config.name = NATIVE_RULES
+        native.logger_config.CopyFrom(pack(wrappers_pb2.StringValue(value=native_logger_config(lst))))
+        return accesslog_pb2.AccessLog(name="envoy.access_loggers.dynamic_modules", typed_config=pack(native),
+                                       filter=found)
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=pack(cfg), filter=found)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,17 +13,36 @@ from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import wrappers_pb2
 
 from authplane.addresses import split_address
 from authplane.compiler.ir import ClusterIR
+from authplane.compiler.module_protos import DynamicModuleBootstrapExtension
 from authplane.compiler.protos import ads_source, duration, pack, socket_address
 from authplane.compiler.render import dump, to_dict
-from authplane.compiler.resources import cluster
+from authplane.compiler.resources import NATIVE_LOGGER, cluster
 from authplane.compiler.tls import FLEET_CERT_SECRET
+from authplane.contract import NATIVE_DECISION_LOG_PATH
+from authplane.policy.modules import NATIVE_RULES
 
 XDS_CLUSTER = "_authplane_xds"
 """Policy names start with a letter or digit, so no Backend can take this cluster name."""
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+NATIVE_FLUSH_MS = 200
+"""How often the module's bootstrap extension sends the decisions its logger gathered."""
+
+
+def native_decision_log(node_id: str, fleet: str) -> DynamicModuleBootstrapExtension:
+    """The module's bootstrap extension that sends the decision log in batches: a gRPC call to
+    authplane (``contract.NATIVE_DECISION_LOG_PATH``) over the xDS cluster, so with its TLS and
+    fleet certificate, every ``NATIVE_FLUSH_MS``."""
+    ext = DynamicModuleBootstrapExtension(extension_name=NATIVE_LOGGER)
+    ext.dynamic_module_config.name = NATIVE_RULES
+    config = {"cluster": XDS_CLUSTER, "authority": XDS_CLUSTER, "path": NATIVE_DECISION_LOG_PATH,
+              "node": node_id, "fleet": fleet, "flush_ms": NATIVE_FLUSH_MS, "max_inflight": 2, "timeout_ms": 5000}
+    ext.extension_config.CopyFrom(pack(wrappers_pb2.StringValue(
+        value=json.dumps(config, sort_keys=True, separators=(",", ":")))))
+    return ext
 
 
 @dataclass(frozen=True)
@@ -71,10 +91,12 @@ def xds_addresses(xds: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def bootstrap(node_id: str, fleet: str, xds: str | Sequence[str] = "127.0.0.1:18000", admin_port: int = 9901,
-              delta: bool = True, tls: XdsClientTls | None = None) -> bootstrap_pb2.Bootstrap:
+              delta: bool = True, tls: XdsClientTls | None = None,
+              native_log: bool = False) -> bootstrap_pb2.Bootstrap:
     """``xds``: one authplane address, or the replicas'. They all become endpoints of the one xDS
     cluster: ADS holds a single stream, and when it breaks the reconnect is load-balanced (round
-    robin) to the next endpoint, so an Envoy moves to a live replica within a back-off or two."""
+    robin) to the next endpoint, so an Envoy moves to a live replica within a back-off or two.
+    ``native_log``: the module's decision-log sender (``native_decision_log``)."""
     endpoints = tuple(split_address(a) for a in xds_addresses(xds))
     boot = bootstrap_pb2.Bootstrap()
     boot.node.id = node_id
@@ -112,16 +134,20 @@ def bootstrap(node_id: str, fleet: str, xds: str | Sequence[str] = "127.0.0.1:18
         name="envoy.resource_monitors.global_downstream_max_connections")
     monitor.typed_config.CopyFrom(pack(downstream_connections_pb2.DownstreamConnectionsConfig(
         max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS)))
+    if native_log:
+        boot.bootstrap_extensions.add(name="envoy.bootstrap.dynamic_modules").typed_config.CopyFrom(
+            pack(native_decision_log(node_id, fleet)))
     return boot
 
 
 def bootstrap_yaml(node_id: str, fleet: str, xds: str | Sequence[str] = "127.0.0.1:18000", admin_port: int = 9901,
-                   delta: bool = True, tls: XdsClientTls | None = None) -> str:
+                   delta: bool = True, tls: XdsClientTls | None = None, native_log: bool = False) -> str:
     command = shlex.join(["authplane", "bootstrap", "--node-id", node_id, "--fleet", fleet,
                           *(f for a in xds_addresses(xds) for f in ("--xds", a)),
                           "--admin-port", str(admin_port), "--delta" if delta else "--sotw",
-                          *(tls.flags() if tls is not None else ())])
+                          *(tls.flags() if tls is not None else ()),
+                          *(("--native-decision-log",) if native_log else ())])
     channel = "" if tls is None else " (mutual TLS)" if tls.cert else " (TLS)"
     header = (f"# Envoy bootstrap of node {node_id!r}, fleet {fleet!r}: configuration comes from authplane over "
               f"{'Delta' if delta else 'SotW'} ADS{channel}.\n# Written by: {command}\n")
-    return header + dump(to_dict(bootstrap(node_id, fleet, xds, admin_port, delta, tls)))
+    return header + dump(to_dict(bootstrap(node_id, fleet, xds, admin_port, delta, tls, native_log)))

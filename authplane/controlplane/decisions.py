@@ -46,7 +46,7 @@ from authplane.policy.documents import PolicySet
 
 log = logging.getLogger("authplane.decisions")
 
-MAX_QUEUE = 10_000
+MAX_QUEUE = 50_000
 """Lines waiting for the writer; beyond it entries are dropped (and counted)."""
 TOP_IDENTITIES = 10
 TRACKED_IDENTITIES = 100
@@ -215,25 +215,30 @@ def _ext_denial(levels: list[Checks], at: Checks, meta: Any) -> Decision:
 
 
 def _fields(meta: Any, namespace: str) -> Any:
-    """The fields of one namespace of the dynamic metadata (empty if absent), read in place."""
+    """The fields of one namespace of the dynamic metadata (empty if absent), read in place: an
+    access-log entry's ``Metadata``, or the ``{namespace: {key: value}}`` of a native record."""
     if meta is None:
         return {}
+    if isinstance(meta, dict):
+        return meta.get(namespace, {})
     found = meta.filter_metadata.get(namespace)
     return found.fields if found is not None else {}
 
 
 def _string(fields: Any, key: str) -> str | None:
     value = fields.get(key)
-    return value.string_value if value is not None and value.WhichOneof("kind") == "string_value" else None
+    if value is None or isinstance(value, str):
+        return value
+    return value.string_value if value.WhichOneof("kind") == "string_value" else None
 
 
 def _shadow_key(key: str) -> tuple[str, str, str] | None:
     """(check, level, policy) of ``contract.shadow_prefix(...) + RBAC_SHADOW_RESULT``."""
-    suffix = "." + contract.RBAC_SHADOW_RESULT
+    suffix = "/" + contract.RBAC_SHADOW_RESULT
     if not key.startswith(contract.SHADOW_PREFIX) or not key.endswith(suffix):
         return None
-    parts = key[len(contract.SHADOW_PREFIX):-len(suffix)].split(".", 2)
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+    parts = key[len(contract.SHADOW_PREFIX):-len(suffix)].split("/", 2)
+    return (parts[0], parts[1], parts[2].replace("~", ".")) if len(parts) == 3 else None
 
 
 def shadow_denials(rc: RouteChecks, meta: Any) -> list[Decision]:
@@ -270,30 +275,36 @@ def classify(rc: RouteChecks, details: str, meta: Any) -> tuple[Decision, list[D
     return denied or (shadow[0] if shadow else rc.allowed), shadow
 
 
-def identity(rc: RouteChecks, common: accesslog_pb2.AccessLogCommon, headers: Any,
-             passed: bool) -> dict[str, str]:
+def identity(rc: RouteChecks, sub: str | None, san: str | None, headers: Any, passed: bool) -> dict[str, str]:
     """The identities the checks established: ``sub`` (the verified JWT payload), ``san`` (the
     verified client certificate), ``client``/``user``: headers authplane's enforcing checks set,
     replacing client copies, so read only when the request ``passed`` them (a denied request, or
     a shadow check that never ran, may carry the client's own copy)."""
     out: dict[str, str] = {}
-    jwt = common.metadata.filter_metadata.get(contract.JWT_FILTER)
-    payload = jwt.fields.get(contract.JWT_PAYLOAD_KEY) if jwt is not None else None
-    if payload is not None and payload.HasField("struct_value"):
-        sub = _string(payload.struct_value.fields, "sub")
-        if sub is not None:
-            out["sub"] = sub
+    if sub:
+        out["sub"] = sub
     if passed:
         for kind, header in rc.header_ids:
             value = headers.get(header)
             if value:
                 out.setdefault(kind, value)
-    if common.HasField("tls_properties"):
-        cert = common.tls_properties.peer_certificate_properties
-        sans = [s.uri or s.dns for s in cert.subject_alt_name if s.uri or s.dns]
-        if sans:
-            out["san"] = sans[0]
+    if san:
+        out["san"] = san
     return out
+
+
+def _entry_sub(common: accesslog_pb2.AccessLogCommon) -> str | None:
+    jwt = common.metadata.filter_metadata.get(contract.JWT_FILTER)
+    payload = jwt.fields.get(contract.JWT_PAYLOAD_KEY) if jwt is not None else None
+    return _string(payload.struct_value.fields, "sub") if payload is not None and payload.HasField(
+        "struct_value") else None
+
+
+def _entry_san(common: accesslog_pb2.AccessLogCommon) -> str | None:
+    if not common.HasField("tls_properties"):
+        return None
+    cert = common.tls_properties.peer_certificate_properties
+    return next((s.uri or s.dns for s in cert.subject_alt_name if s.uri or s.dns), None)
 
 
 def _label(identity: dict[str, str]) -> str:
@@ -443,7 +454,10 @@ _SECOND: list[Any] = [None, ""]
 
 def _iso(ts: Any) -> str:
     """``2026-01-02T03:04:05.678+00:00`` (milliseconds truncated); Envoy's start time, else now."""
-    seconds, nanos = ts.seconds, ts.nanos
+    return _iso_ns(ts.seconds, ts.nanos)
+
+
+def _iso_ns(seconds: int, nanos: int) -> str:
     if not seconds:
         now = time.time_ns()
         seconds, nanos = divmod(now, 1_000_000_000)
@@ -452,12 +466,20 @@ def _iso(ts: Any) -> str:
     return f"{_SECOND[1]}.{nanos // 1_000_000:03d}+00:00"
 
 
+US, RS = b"\x1f", b"\x1e"
+"""Separators of the module's batches (``Report``): fields, records; 0x1d joins a name and its value."""
+_NAMESPACES = {"r": contract.RBAC_FILTER, "x": contract.EXT_AUTHZ_FILTER}
+
 _str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 """A JSON string, as ``json.dumps`` writes it (the same C function), without building a dict."""
 
 
 def _json(value: str | None) -> str:
     return "null" if value is None else _str(value)
+
+
+def _stream(fleet: str, node: str) -> str:
+    return f'"fleet":{_str(fleet)},"node":{_str(node)},'
 
 
 def _identity_json(who: dict[str, str]) -> str:
@@ -491,6 +513,8 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
         self.tallies: dict[str, PolicyTally] = {}
         self.shadow: set[str] = set()
         self._cache: dict[tuple[int, str, str | None, str], Parts] = {}
+        self._allowed: dict[str, dict[str, tuple[str, str, tuple[str, str, str]]]] = {}
+        """fleet → route → the parts of its allow lines (``_allowed_parts``)."""
         self._allow_weight = 1 / opts.decision_log_sample if opts else 1.0
         """Envoy reports a sample of the allow entries (``serve --decision-log-sample``)."""
         self.permitted: Callable[[Any], frozenset[str] | None] = lambda context: None
@@ -500,6 +524,9 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
 
     def register(self, server: grpc.aio.Server) -> None:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
+        service, _, method = contract.NATIVE_DECISION_LOG_PATH[1:].partition("/")
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {
+            method: grpc.unary_unary_rpc_method_handler(self.Report)}),))  # raw bytes both ways
 
     async def start(self) -> None:
         self.writer.start()
@@ -525,6 +552,7 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
         self.rules = {c.policy: _rule_names(c) for c in checks}
         self.shadow = {c.policy for c in checks if in_shadow(c)}
         self._cache = {}  # keyed by the id of this revision's checks
+        self._allowed = {}
         self.tallies = {p: t for p, t in self.tallies.items() if p in self.rules}
 
     # -- the access-log stream ---------------------------------------------------------------
@@ -549,27 +577,31 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
             return
         counts: Counter[tuple[str, str, str]] = Counter()
         lines: list[str] = []
-        stream = f'"fleet":{_str(fleet)},"node":{_str(node)},'
+        stream = _stream(fleet, node)
         for entry in entries:
             rc = routes.get(entry.common_properties.route_name)
             if rc is None:
                 continue  # unchecked, public, the ambiguous-path guard, or no route matched
             lines.append(self.record(stream, rc, entry, counts))
-        if lines:
-            self.writer.offer(lines)
-        for labels, n in counts.items():  # once per message: a counter's lock is not free
-            self.metrics.decisions.labels(*labels).inc(n)
+        self._emit(lines, counts)
 
     def record(self, stream: str, rc: RouteChecks, entry: accesslog_pb2.HTTPAccessLogEntry,
                counts: Counter[tuple[str, str, str]]) -> str:
+        """The line of an access-log entry (``line``)."""
+        common, response, request = entry.common_properties, entry.response, entry.request
+        return self.line(stream, rc, _iso(common.start_time), request.request_id, common.route_name,
+                         response.response_code.value, response.response_code_details, common.metadata,
+                         _entry_sub(common), _entry_san(common), request.request_headers if rc.header_ids else {},
+                         counts)
+
+    def line(self, stream: str, rc: RouteChecks, when: str, request_id: str, route: str, status: int, details: str,
+             meta: Any, sub: str | None, san: str | None, headers: Any, counts: Counter[tuple[str, str, str]]) -> str:
         """One JSON line: ``time``, ``fleet``, ``node`` (``stream``), ``request_id``, ``route``,
         ``policy``, ``level``, ``check``, ``rule``, ``verdict``, ``status``, ``details``,
         ``identity``, ``origin`` and, when a shadow check would have denied, ``would_deny``. Written
         as text from parts encoded once per revision (``Parts``): entries come by the thousand."""
-        common, response, request = entry.common_properties, entry.response, entry.request
-        details = response.response_code_details
-        d, shadow = classify(rc, details, common.metadata)
-        who = identity(rc, common, request.request_headers if rc.header_ids else {}, d.verdict != "deny")
+        d, shadow = classify(rc, details, meta)
+        who = identity(rc, sub, san, headers, d.verdict != "deny")
         parts = self._parts(d)
         counts[parts.labels] += 1
         tail = "}\n"
@@ -586,9 +618,87 @@ class DecisionLog(als_pb2_grpc.AccessLogServiceServicer):
                 tally.identities.add(_label(who))
             if shadow:
                 tail = ',"would_deny":[' + ",".join(self._parts(s).shadow_item for s in shadow) + "]}\n"
-        return (f'{{"time":"{_iso(common.start_time)}",{stream}"request_id":{_str(request.request_id)},'
-                f'"route":{_str(common.route_name)},{parts.fields},"status":{response.response_code.value},'
+        return (f'{{"time":"{when}",{stream}"request_id":{_str(request_id)},'
+                f'"route":{_str(route)},{parts.fields},"status":{status},'
                 f'"details":{_str(details)},"identity":{_identity_json(who)},"origin":{parts.origin}{tail}')
+
+    # -- the module's batches (``serve --decision-log-transport native``) ---------------------
+
+    async def Report(self, request: bytes, context: Any) -> bytes:
+        """A batch from authplane's Envoy module: ``v1 US node US fleet US dropped``, then records
+        (``native``). A fleet the caller's certificate does not name is refused, like on the
+        access-log stream."""
+        head, _, body = request.partition(RS)
+        version, node, fleet, dropped = [*head.split(US), b"", b"", b"", b""][:4]
+        if version != b"v1":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "authplane: unknown decision batch version")
+        fleet_name, node_name = fleet.decode("utf-8", "replace"), node.decode("utf-8", "replace")
+        permitted = self.permitted(context)
+        if permitted is not None and fleet_name not in permitted:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"authplane: the client certificate does not name fleet {fleet_name!r}")
+        if dropped.isdigit() and int(dropped):
+            self.metrics.entries.labels("dropped").inc(int(dropped))  # in Envoy: the module's buffer was full
+        if body:
+            self.native(fleet_name, node_name, body.decode("utf-8", "replace").split("\x1e"))
+        return b""
+
+    def native(self, fleet: str, node: str, records: list[str]) -> None:
+        """Records of the module's logger: ``time US request_id US route US status US details
+        US sub US san`` (``time`` as the lines have it) then ``name GS value`` fields: ``r:`` and
+        ``x:`` RBAC and ext_authz metadata keys, ``h:`` identity headers
+        (``compiler/resources.native_logger_config``)."""
+        routes, allowed = self.table.get(fleet), self._allowed.get(fleet, {})
+        if routes is None:
+            return
+        counts: Counter[tuple[str, str, str]] = Counter()
+        lines: list[str] = []
+        stream = _stream(fleet, node)
+        for record in records:
+            f = record.split("\x1f")
+            if len(f) < 7:
+                continue
+            rc = routes.get(f[2])
+            if rc is None:
+                continue  # unchecked, public, the ambiguous-path guard, or no route matched
+            when = _str(f[0])[1:-1]  # the module writes it (ISO 8601); escaped all the same
+            if f[4] == "via_upstream" and not rc.shadow and not rc.header_ids:  # most entries: an allow
+                head, tail, labels = allowed.get(f[2]) or self._allowed_parts(fleet, rc, f[2])
+                counts[labels] += 1
+                sub, san = f[5], f[6]
+                who = ('{"sub":' + _str(sub) + "}" if sub else "{}") if not san else _identity_json(
+                    identity(rc, sub or None, san, {}, True))
+                lines.append(f'{{"time":"{when}",{stream}"request_id":{_str(f[1])}{head}'
+                             f'{f[3] if f[3].isdigit() else 0},"details":"via_upstream","identity":{who}{tail}')
+                continue
+            meta: dict[str, dict[str, str]] = {}
+            headers: dict[str, str] = {}
+            if len(f) > 7:
+                for pair in f[7:]:
+                    name, _, value = pair.partition("\x1d")
+                    kind, _, key = name.partition(":")
+                    if kind == "h":
+                        headers[key] = value
+                    elif kind in _NAMESPACES:
+                        meta.setdefault(_NAMESPACES[kind], {})[key] = value
+            lines.append(self.line(stream, rc, when, f[1], f[2],
+                                   int(f[3]) if f[3].isdigit() else 0, f[4], meta, f[5] or None, f[6] or None,
+                                   headers, counts))
+        self._emit(lines, counts)
+
+    def _emit(self, lines: list[str], counts: Counter[tuple[str, str, str]]) -> None:
+        if lines:
+            self.writer.offer(lines)
+        for labels, n in counts.items():  # once per message: a counter's lock is not free
+            self.metrics.decisions.labels(*labels).inc(n)
+
+    def _allowed_parts(self, fleet: str, rc: RouteChecks, route: str) -> tuple[str, str, tuple[str, str, str]]:
+        """What ``line`` writes around the time, request id, status and identity of an allowed
+        request on ``route``, kept per revision: most entries are allows (``native``)."""
+        parts = self._parts(rc.allowed)
+        found = self._allowed.setdefault(fleet, {})[route] = (
+            f',"route":{_str(route)},{parts.fields},"status":', f',"origin":{parts.origin}}}\n', parts.labels)
+        return found
 
     def _parts(self, d: Decision) -> Parts:
         known = self._rule(d)

@@ -24,6 +24,9 @@ use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
+/// The decision log: an access logger and a bootstrap extension of this module.
+mod decision_log;
+
 /// The Envoy dynamic modules ABI this module is written against (Envoy 1.40).
 pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
 

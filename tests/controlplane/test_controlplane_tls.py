@@ -152,16 +152,17 @@ def policies(tmp_path, echo_port: int, listen_port: int) -> str:
         "gateway.yaml": documents(gateway("edge", listen_port), backend("echo", echo_port), POLICIES)})
 
 
-def mtls_serve(tmp_path, directory: str, server: Issued, ca: CA) -> ServeProcess:
+def mtls_serve(tmp_path, directory: str, server: Issued, ca: CA, *extra: str) -> ServeProcess:
     return ServeProcess(directory, str(tmp_path), 0, "--xds-tls-cert", server.cert, "--xds-tls-key", server.key,
-                        "--xds-client-ca", ca.path).wait_started()
+                        "--xds-client-ca", ca.path, *extra).wait_started()
 
 
-def start_envoy(tmp_path, serve: ServeProcess, node_id: str, fleet: str, ca: CA, client: Issued) -> EnvoyProcess:
+def start_envoy(tmp_path, serve: ServeProcess, node_id: str, fleet: str, ca: CA, client: Issued,
+                native_log: bool = False) -> EnvoyProcess:
     path = str(tmp_path / f"{node_id}.yaml")
     with open(path, "w") as f:
         f.write(bootstrap_yaml(node_id, fleet, serve.xds, admin_port=0,
-                               tls=XdsClientTls(ca.path, "localhost", client.cert, client.key)))
+                               tls=XdsClientTls(ca.path, "localhost", client.cert, client.key), native_log=native_log))
     return EnvoyProcess(path, log_path=str(tmp_path / f"{node_id}.log")).start()
 
 
@@ -213,6 +214,51 @@ def test_fleet_certificates_decide_what_each_envoy_receives(tmp_path, pki, proce
     text = serve.log() + json.dumps(serve.status())
     for issued in (server, edge_cert, other_cert):
         assert not any(line in text for line in key_body(issued))
+
+
+def test_native_decision_log_rides_the_mutual_tls_channel_and_names_only_its_fleet(tmp_path, pki, processes, echo,
+                                                                                    native_module):
+    """``--decision-log-transport native``: the module's batches go over the xDS cluster, so with
+    the fleet certificate; a caller reporting for a fleet its certificate does not name is refused."""
+    from authplane.contract import NATIVE_DECISION_LOG_PATH
+    from tests.support.native import search_path
+
+    envoys, serves = processes
+    ca, server = pki
+    port = free_port()
+    log_path = str(tmp_path / "decisions.jsonl")
+    serves.append(serve := mtls_serve(tmp_path, policies(tmp_path, echo.port, port), server, ca,
+                                      "--decision-log", log_path, "--decision-log-transport", "native"))
+    edge_cert, other_cert = ca.fleet("edge-1", "edge"), ca.fleet("fleet-b-1", "fleet-b")
+    with search_path(native_module):
+        envoys.append(edge := start_envoy(tmp_path, serve, "edge-1", "edge", ca, edge_cert, native_log=True))
+    edge.wait_ready()
+    serve.wait_in_sync("edge-1")
+    wait_for(lambda: request(port, "/open").status == 200, "the edge listener to serve")
+    assert request(port, "/closed").status == 403
+
+    def logged() -> list[dict]:
+        return [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
+
+    line = wait_for(lambda: next(iter(logged()), None), "the denial in the decision log")
+    assert (line["fleet"], line["node"], line["policy"], line["check"], line["verdict"], line["status"]) == (
+        "edge", "edge-1", "closed", "authorization", "deny", 403)
+
+    def report(client: Issued, fleet: str) -> grpc.StatusCode | None:
+        creds = grpc.ssl_channel_credentials(read(ca.path), read(client.key), read(client.cert))
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        with grpc.secure_channel(serve.xds, creds, options=options) as channel:
+            body = f"v1\x1fforged\x1f{fleet}\x1f0\x1e0\x1fid\x1fapp/closed\x1f403\x1frbac\x1f\x1f".encode()
+            try:
+                channel.unary_unary(NATIVE_DECISION_LOG_PATH)(body, timeout=10)
+            except grpc.RpcError as e:
+                return e.code()
+        return None
+
+    assert report(other_cert, "edge") == grpc.StatusCode.PERMISSION_DENIED
+    assert report(edge_cert, "edge") is None
+    wait_for(lambda: any(r["node"] == "forged" for r in logged()), "the permitted batch written")
+    assert not any(r["node"] == "forged" and r["fleet"] != "edge" for r in logged())
 
 
 def test_server_certificate_rotates_without_restart(tmp_path, pki, processes):

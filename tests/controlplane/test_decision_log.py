@@ -1,19 +1,27 @@
 """``serve --decision-log``: a real Envoy reports each decided request over its xDS connection
-(gRPC access-log service); the lines name policy, level, check, rule, verdict and identity, never a
-credential; a writer that does not keep up makes entries drop (counted), never requests wait."""
+(gRPC access-log service, or with ``--decision-log-transport native`` authplane's module in
+batches over the xDS cluster: the tests taking ``transport`` run both ways); the lines name
+policy, level, check, rule, verdict and identity, never a credential; a writer that does not keep
+up makes entries drop (counted), never requests wait."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+
+import pytest
 
 from tests.support.http import request
+from tests.support.native import search_path
 from tests.support.policies import backend, documents, gateway, write_policies
 from tests.support.ports import free_port, wait_for
 from tests.support.processes import ServeProcess, start_envoys
@@ -97,6 +105,16 @@ def _policies(tmp_path, port: int, echo_port: int) -> str:
     })
 
 
+@pytest.fixture(params=["grpc", "native"])
+def transport(request) -> Iterator[tuple[str, ...]]:
+    """The serve flags of each way out of Envoy; for ``native`` Envoy finds the module meanwhile."""
+    if request.param == "grpc":
+        yield ()
+        return
+    with search_path(request.getfixturevalue("native_module")):
+        yield ("--decision-log-transport", "native")
+
+
 def _lines(path: str, count: int) -> list[dict]:
     def enough() -> bool:
         return os.path.exists(path) and len(open(path).read().splitlines()) >= count
@@ -114,12 +132,12 @@ def _expect(port: int, path: str, expected: int, method: str = "GET", headers: d
     wait_for(answered, f"{method} {path} answers {expected}", 20)
 
 
-def _serve(tmp_path, processes, echo, *extra: str) -> tuple[ServeProcess, int]:
+def _serve(tmp_path, processes, echo, *extra: str, transport: tuple[str, ...] = ()) -> tuple[ServeProcess, int]:
     envoys, serves = processes
     port = free_port()
-    serve = ServeProcess(_policies(tmp_path, port, echo.port), str(tmp_path), 0, *extra).wait_started()
+    serve = ServeProcess(_policies(tmp_path, port, echo.port), str(tmp_path), 0, *extra, *transport).wait_started()
     serves.append(serve)
-    envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)])
+    envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)], native_log=bool(transport))
     serve.wait_in_sync("edge-1")
     _expect(port, "/open", 200)  # routes are in place: every later request is answered once
     return serve, port
@@ -130,9 +148,9 @@ def _decisions(serve: ServeProcess) -> dict[tuple[str, str, str], float]:
             for (name, labels), v in serve.metrics().items() if name == "authplane_decisions_total"}
 
 
-def test_decisions_logged_with_policy_rule_identity_and_no_secret(tmp_path, processes, jwks_file, idp, echo):
+def test_decisions_logged_with_policy_rule_identity_and_no_secret(tmp_path, processes, jwks_file, idp, echo, transport):
     log_path = str(tmp_path / "decisions.jsonl")
-    serve, port = _serve(tmp_path, processes, echo, "--decision-log", log_path)
+    serve, port = _serve(tmp_path, processes, echo, "--decision-log", log_path, transport=transport)
     admin, bob = idp.mint(sub="alice", groups=["admins"]), idp.mint(sub="bob", groups=["staff"])
     basic = base64.b64encode(f"carol:{PASSWORD}".encode()).decode()
     wrong = base64.b64encode(b"carol:not-it").decode()
@@ -172,7 +190,9 @@ def test_decisions_logged_with_policy_rule_identity_and_no_secret(tmp_path, proc
     ]
     for r in lines:
         assert (r["fleet"], r["node"]) == ("edge", "edge-1") and len(r["request_id"]) == 36
-        assert r["time"].startswith(("20", "21")) and r["origin"].startswith(os.path.join(str(tmp_path), "policies"))
+        assert r["origin"].startswith(os.path.join(str(tmp_path), "policies"))
+        when = datetime.datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%S.%f%z")  # the same text both ways
+        assert len(r["time"]) == 29 and abs(time.time() - when.timestamp()) < 60
     assert lines[0]["origin"].endswith("policies.yaml:1") and lines[4]["origin"].endswith("policies.yaml:14")
 
     decisions = _decisions(serve)
@@ -191,9 +211,9 @@ def test_decisions_logged_with_policy_rule_identity_and_no_secret(tmp_path, proc
     assert len(_lines(log_path + ".1", len(sent))) == len(sent) and serve.proc.poll() is None
 
 
-def test_shadow_would_denies_in_log_metrics_and_status(tmp_path, processes, jwks_file, idp, echo):
+def test_shadow_would_denies_in_log_metrics_and_status(tmp_path, processes, jwks_file, idp, echo, transport):
     log_path = str(tmp_path / "decisions.jsonl")
-    serve, port = _serve(tmp_path, processes, echo, "--decision-log", log_path)
+    serve, port = _serve(tmp_path, processes, echo, "--decision-log", log_path, transport=transport)
     admin, bob = idp.mint(sub="alice", groups=["admins"]), idp.mint(sub="bob", groups=["staff"])
     for token in (admin, bob, bob):
         assert request(port, "/canary/x", headers={"authorization": f"Bearer {token}"}).status == 200
@@ -299,7 +319,8 @@ ATTRIBUTION = """
 """
 
 
-def _serve_attribution(tmp_path, processes, echo, log_path: str, *extra: str) -> tuple[ServeProcess, int]:
+def _serve_attribution(tmp_path, processes, echo, log_path: str, *extra: str,
+                       transport: tuple[str, ...] = ()) -> tuple[ServeProcess, int]:
     envoys, serves = processes
     port = free_port()
     d = write_policies(str(tmp_path / "policies"), {
@@ -308,20 +329,20 @@ def _serve_attribution(tmp_path, processes, echo, log_path: str, *extra: str) ->
     serve = ServeProcess(d, str(tmp_path), 0, "--decision-log", log_path,
                          "--authz-grpc", f"127.0.0.1:{grpc_port}", "--authz-grpc-listen", f"127.0.0.1:{grpc_port}",
                          "--authz-http", f"127.0.0.1:{http_port}", "--authz-http-listen", f"127.0.0.1:{http_port}",
-                         *extra).wait_started()
+                         *extra, *transport).wait_started()
     serves.append(serve)
-    envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)])
+    envoys += start_envoys(str(tmp_path), serve.xds, [("edge-1", "edge", True)], native_log=bool(transport))
     serve.wait_in_sync("edge-1")
     _expect(port, "/open", 200)  # public: not logged
     return serve, port
 
 
-def test_rbac_denials_name_the_level_that_denied_and_the_deny_rule_that_excluded(tmp_path, processes, echo):
+def test_rbac_denials_name_the_level_that_denied_and_the_deny_rule_that_excluded(tmp_path, processes, echo, transport):
     """Both levels ``default: deny``: Envoy's ``matched_policy[none]`` alone cannot tell which
     level denied, nor which deny rule excluded the request; the per-policy enforced result and
     the ``deny_prefix`` shadow rules can (``contract.py``)."""
     log_path = str(tmp_path / "decisions.jsonl")
-    serve, port = _serve_attribution(tmp_path, processes, echo, log_path)
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, transport=transport)
     member = {"x-member": "yes"}
     sent = [("GET", {**member, "x-role": "admin"}, 200),
             ("GET", {"x-role": "admin"}, 403),  # no gateway allow rule matched
@@ -343,9 +364,9 @@ def test_rbac_denials_name_the_level_that_denied_and_the_deny_rule_that_excluded
     assert decisions[("members", "no-red", "deny")] == 1 and decisions[("admins", "no-deletes", "deny")] == 1
 
 
-def test_a_shadow_builtin_rule_is_logged_counted_and_in_status_by_name(tmp_path, processes, echo):
+def test_a_shadow_builtin_rule_is_logged_counted_and_in_status_by_name(tmp_path, processes, echo, transport):
     log_path = str(tmp_path / "decisions.jsonl")
-    serve, port = _serve_attribution(tmp_path, processes, echo, log_path)
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, transport=transport)
     member = {"x-member": "yes"}
     for method, headers, status in [("POST", member, 200), ("GET", member, 200),
                                     ("POST", {**member, "x-team": "blue"}, 403)]:
@@ -374,11 +395,12 @@ def _filtered(port: int) -> None:
         assert request(port, path, method, headers).status == status, (method, path, headers)
 
 
-def test_envoy_reports_only_the_verdicts_asked_for(tmp_path, processes, echo):
+def test_envoy_reports_only_the_verdicts_asked_for(tmp_path, processes, echo, transport):
     """``--decision-log-verdicts deny,would-deny``: Envoy's access-log filter tells the verdicts
     apart, so the allows never leave Envoy (nothing to write, count or drop)."""
     log_path = str(tmp_path / "decisions.jsonl")
-    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, "--decision-log-verdicts", "deny,would-deny")
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, "--decision-log-verdicts", "deny,would-deny",
+                                     transport=transport)
     _filtered(port)
     assert request(port, "/api/x", "DELETE", {"x-member": "yes", "x-role": "admin"}).status == 403  # the last line
     lines = _lines(log_path, 3)
@@ -388,11 +410,12 @@ def test_envoy_reports_only_the_verdicts_asked_for(tmp_path, processes, echo):
     assert decisions.get(("admins", "", "allow"), 0) == 0 and decisions.get(("ext", "", "allow"), 0) == 0
 
 
-def test_a_sample_of_the_allows_is_reported_and_every_denial(tmp_path, processes, echo):
+def test_a_sample_of_the_allows_is_reported_and_every_denial(tmp_path, processes, echo, transport):
     """``--decision-log-sample 0.000001``: one allow in a million is reported (by request id: the
     20 allows here are all left out but with a probability of 2e-5), every deny and would-deny is."""
     log_path = str(tmp_path / "decisions.jsonl")
-    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, "--decision-log-sample", "0.000001")
+    serve, port = _serve_attribution(tmp_path, processes, echo, log_path, "--decision-log-sample", "0.000001",
+                                     transport=transport)
     _filtered(port)
     assert request(port, "/api/x", "DELETE", {"x-member": "yes", "x-role": "admin"}).status == 403
     lines = _lines(log_path, 3)

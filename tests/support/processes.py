@@ -283,15 +283,17 @@ class InProcess(Admin):
         self.loop.close()
 
 
-def start_envoys(work: str, xds: str, nodes: list[tuple[str, str, bool]]) -> list[EnvoyProcess]:
+def start_envoys(work: str, xds: str, nodes: list[tuple[str, str, bool]],
+                 native_log: bool = False) -> list[EnvoyProcess]:
     """Start one Envoy per (node id, fleet, delta) from ``authplane bootstrap`` output (admin port 0),
-    then wait until each is ready; stops them all if any fails."""
+    then wait until each is ready; stops them all if any fails. ``native_log``: the bootstrap of
+    ``--native-decision-log`` (the module must be on the search path)."""
     envoys: list[EnvoyProcess] = []
     try:
         for node_id, fleet, delta in nodes:
             path = os.path.join(work, f"{node_id}.yaml")
             with open(path, "w") as f:
-                f.write(bootstrap_yaml(node_id, fleet, xds, admin_port=0, delta=delta))
+                f.write(bootstrap_yaml(node_id, fleet, xds, admin_port=0, delta=delta, native_log=native_log))
             envoys.append(EnvoyProcess(path, log_path=os.path.join(work, f"{node_id}.log")).start())
         for envoy in envoys:
             envoy.wait_ready()

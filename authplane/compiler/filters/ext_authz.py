@@ -145,18 +145,18 @@ def _service(checks: Checks, route: bool, log: bool = False) -> grpc_service_pb2
                 _exact(http.authorization_response, "dynamic_metadata_from_headers", list(_REPORT))
             if _reports(checks) and not s.upstream_headers():  # and never goes upstream
                 _exact(http.authorization_response, "allowed_upstream_headers", [_NO_HEADER])
-            if log:  # nor to the client: the report's names have a dot, a denial's headers none
+            if log:  # nor to the client: the report's names have an underscore, a denial's headers none
                 denial = http.authorization_response.allowed_client_headers.patterns
-                denial.add().safe_regex.regex = _NO_DOT
+                denial.add().safe_regex.regex = _NO_UNDERSCORE
                 _exact(http.authorization_response, "allowed_client_headers",
-                       sorted({h for r in s.rules or () for h in r.deny.headers if "." in h}))
+                       sorted({h for r in s.rules or () for h in r.deny.headers if "_" in h}))
     else:
         _exact(http.authorization_response, "allowed_upstream_headers", s.headers_to_upstream)
     return http
 
 
 _REPORT = (SHADOW_VERDICT_KEY, SHADOW_POLICY_KEY, SHADOW_RULE_KEY)
-_NO_DOT = "[^.]*"
+_NO_UNDERSCORE = "[^_]*"
 _NO_HEADER = "x-authplane-no-header"
 """Matches no header the decision service sets: Envoy sends every response header upstream when
 ``allowed_upstream_headers`` is unset."""
